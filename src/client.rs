@@ -1,0 +1,165 @@
+//! The TSS Node's side of one callback: post a token, read and verify the signed answer.
+//!
+//! The gateway plays this role toward every downstream; `probe` and `demo` play it toward the
+//! gateway. Reading the answer accepts both body forms Cobo's reference servers use (the raw
+//! token, or the token as a JSON string) and trusts a validly signed body whatever the HTTP status.
+
+use std::time::Duration;
+
+use crate::keys::Verifier;
+use crate::protocol::{self, CallbackResponse, TokenError, FORM_FIELD};
+
+/// Answers longer than this are refused unread: a signed CallbackResponse is well under 2 KiB.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Why one call did not produce a verified CallbackResponse. The variant is the metric outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("timeout: no answer within {0} ms")]
+    Timeout(u64),
+    #[error("transport_error: {0}")]
+    Transport(String),
+    #[error("http_error: {0}")]
+    Http(String),
+    #[error("bad_signature: {0}")]
+    BadSignature(String),
+    #[error("bad_response: {0}")]
+    BadResponse(String),
+}
+
+/// An HTTP answer before any of it is trusted.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Builds the HTTP client used for callbacks: no proxies (a proxy would see every token), Nagle
+/// off, pooled keep-alive connections.
+pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build()
+        // Building a client without custom TLS roots or proxies only fails if the TLS backend
+        // cannot initialise, which would make the process useless anyway.
+        .expect("the HTTP client backend initialises")
+}
+
+/// Posts `token` as the `TSS_JWT_MSG` form field and reads at most [`MAX_ANSWER_BYTES`] of the
+/// answer. Callers bound the time with their own timeout.
+pub async fn post_token(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    token: &str,
+) -> Result<RawAnswer, CallError> {
+    let body: String = form_urlencoded::Serializer::new(String::with_capacity(token.len() + 16))
+        .append_pair(FORM_FIELD, token)
+        .finish();
+    let mut resp = client
+        .post(url.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| CallError::Transport(error_chain(&e)))?;
+    let status = resp.status().as_u16();
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(CallError::BadResponse(format!(
+            "HTTP {status} answer of {} bytes is above {MAX_ANSWER_BYTES}",
+            resp.content_length().unwrap_or_default()
+        )));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| CallError::Transport(format!("reading answer: {}", error_chain(&e))))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(CallError::BadResponse(format!(
+                "HTTP {status} answer is above {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(RawAnswer { status, body })
+}
+
+/// Verifies an answer with the server's key and decodes its CallbackResponse. When
+/// `expect_request_id` is given, an answer for any other request is refused: a replayed approval
+/// must never count.
+pub fn read_answer(
+    answer: &RawAnswer,
+    verifier: &Verifier,
+    expect_request_id: Option<&str>,
+) -> Result<CallbackResponse, CallError> {
+    let http_ok = (200..300).contains(&answer.status);
+    // An unsigned body under an error status is an HTTP failure; under 2xx it is a bad answer.
+    let unsigned = |detail: String| {
+        if http_ok {
+            CallError::BadResponse(detail)
+        } else {
+            CallError::Http(format!("HTTP {}: {detail}", answer.status))
+        }
+    };
+    let text = std::str::from_utf8(&answer.body)
+        .map_err(|_| unsigned("answer is not UTF-8".into()))?
+        .trim();
+    let token = if text.starts_with('"') {
+        serde_json::from_str::<String>(text)
+            .map_err(|e| unsigned(format!("answer is not a JSON string: {e}")))?
+    } else {
+        text.to_owned()
+    };
+    let claims = protocol::verify_token(&token, verifier, protocol::now_secs()).map_err(|e| match e {
+        TokenError::Malformed(_) => unsigned(format!("{e}: {}", snippet(text))),
+        TokenError::Algorithm(_) | TokenError::Signature | TokenError::Expired { .. } => {
+            CallError::BadSignature(e.to_string())
+        }
+        TokenError::Claims(_) => CallError::BadResponse(e.to_string()),
+    })?;
+    let package = protocol::decode_package(&claims.package_data)
+        .map_err(|e| CallError::BadResponse(e.to_string()))?;
+    let response: CallbackResponse = serde_json::from_slice(&package)
+        .map_err(|e| CallError::BadResponse(format!("not a CallbackResponse: {e}")))?;
+    if let Some(expected) = expect_request_id {
+        if response.request_id != expected {
+            return Err(CallError::BadResponse(format!(
+                "request_id mismatch: sent {:?}, answer is for {:?}",
+                snippet(expected),
+                snippet(&response.request_id)
+            )));
+        }
+    }
+    Ok(response)
+}
+
+/// The first 80 characters of untrusted text, for error messages.
+pub fn snippet(text: &str) -> String {
+    let mut s: String = text.chars().take(80).collect();
+    if s.len() < text.len() {
+        s.push('…');
+    }
+    s
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

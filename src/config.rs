@@ -1,0 +1,389 @@
+//! The YAML configuration: schema, defaults and validation. Every refusal is one line that names
+//! the field or file at fault.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::protocol::RequestType;
+use crate::rules::RuleSet;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: field `{field}`: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("config {path}: field `{field}`: {source}")]
+    Key {
+        path: PathBuf,
+        field: String,
+        source: crate::keys::KeyError,
+    },
+}
+
+/// A parsed and validated configuration, paths already resolved against the config's folder.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    pub tss_node_public_key: PathBuf,
+    pub gateway_private_key: PathBuf,
+    #[serde(default = "default_token_expire_minutes")]
+    pub token_expire_minutes: u64,
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    #[serde(default = "default_health_check_interval_ms")]
+    pub health_check_interval_ms: u64,
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub embedded_risk_control_rules: RuleSet,
+    #[serde(default)]
+    pub callback_servers: Vec<ServerConfig>,
+}
+
+/// One downstream callback server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub name: String,
+    pub service_address: String,
+    pub pubkey_path: PathBuf,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_request_types")]
+    pub request_types: Vec<TypeName>,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Whether a server's answer counts.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Its answer is waited for and must approve.
+    #[default]
+    Enforce,
+    /// Called, measured and audited; never decides and never waited for.
+    Shadow,
+}
+
+/// A task type by its config name (`key_sign`); Ping is implied for every server.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TypeName {
+    Ping,
+    KeyGen,
+    KeySign,
+    KeyReshare,
+    KeyShareSign,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 11020))
+}
+fn default_service_name() -> String {
+    "tss-callback-gateway".into()
+}
+fn default_token_expire_minutes() -> u64 {
+    2
+}
+fn default_deadline_ms() -> u64 {
+    8000
+}
+fn default_health_check_interval_ms() -> u64 {
+    10_000
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_request_types() -> Vec<TypeName> {
+    vec![
+        TypeName::KeyGen,
+        TypeName::KeySign,
+        TypeName::KeyReshare,
+        TypeName::KeyShareSign,
+    ]
+}
+
+// === impl Mode / TypeName ===
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        }
+    }
+}
+
+impl From<TypeName> for RequestType {
+    fn from(t: TypeName) -> RequestType {
+        match t {
+            TypeName::Ping => RequestType::Ping,
+            TypeName::KeyGen => RequestType::KeyGen,
+            TypeName::KeySign => RequestType::KeySign,
+            TypeName::KeyReshare => RequestType::KeyReshare,
+            TypeName::KeyShareSign => RequestType::KeyShareSign,
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, parses and validates `path`. Keys are not loaded here; see [`crate::runtime`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses YAML `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // serde_norway's message already names the field and its line; keep it one line.
+            message: e.to_string().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.tss_node_public_key);
+        resolve(&mut self.gateway_private_key);
+        if let Some(p) = self.audit_log.as_mut() {
+            resolve(p);
+        }
+        for s in &mut self.callback_servers {
+            resolve(&mut s.pubkey_path);
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let field = |field: String, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if self.service_name.trim().is_empty() {
+            return Err(field("service_name".into(), "must not be empty".into()));
+        }
+        if self.token_expire_minutes == 0 || self.token_expire_minutes > 60 {
+            return Err(field(
+                "token_expire_minutes".into(),
+                "must be between 1 and 60".into(),
+            ));
+        }
+        if self.deadline_ms == 0 || self.deadline_ms > 600_000 {
+            return Err(field(
+                "deadline_ms".into(),
+                "must be between 1 and 600000".into(),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(field(
+                "max_body_bytes".into(),
+                "must be at least 1024".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.callback_servers.iter().enumerate() {
+            let at = |f: &str| format!("callback_servers[{i}].{f}");
+            if s.name.is_empty()
+                || s.name.len() > 64
+                || !s
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(field(
+                    at("name"),
+                    format!("{:?} must be 1-64 characters of [a-z0-9_-]", s.name),
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(field(at("name"), format!("duplicate server name {:?}", s.name)));
+            }
+            match reqwest::Url::parse(&s.service_address) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(u) => {
+                    return Err(field(
+                        at("service_address"),
+                        format!("{:?}: scheme must be http or https", u.as_str()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(field(
+                        at("service_address"),
+                        format!("{:?}: {e}", s.service_address),
+                    ))
+                }
+            }
+            if s.timeout_ms == 0 {
+                return Err(field(at("timeout_ms"), "must be above 0".into()));
+            }
+            if s.timeout_ms > self.deadline_ms {
+                return Err(field(
+                    at("timeout_ms"),
+                    format!(
+                        "{} is above deadline_ms {}",
+                        s.timeout_ms, self.deadline_ms
+                    ),
+                ));
+            }
+            if s.retries > 10 {
+                return Err(field(at("retries"), "must be at most 10".into()));
+            }
+            if s.request_types.is_empty() {
+                return Err(field(
+                    at("request_types"),
+                    "must list at least one type (omit it for all)".into(),
+                ));
+            }
+        }
+        let enforcing = self
+            .callback_servers
+            .iter()
+            .any(|s| s.mode == Mode::Enforce);
+        if !self.embedded_risk_control_rules.enable && !enforcing {
+            return Err(field(
+                "callback_servers".into(),
+                "nothing would be checked: embedded_risk_control_rules are off and no server has mode enforce"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when some enforcing server or the embedded rules check requests of type `t`.
+    pub fn is_checked(&self, t: RequestType) -> bool {
+        self.embedded_risk_control_rules.enable
+            || self
+                .callback_servers
+                .iter()
+                .any(|s| s.mode == Mode::Enforce && s.subscribes(t))
+    }
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// Ping goes to every server; other types only where listed.
+    pub fn subscribes(&self, t: RequestType) -> bool {
+        t == RequestType::Ping || self.request_types.iter().any(|&n| RequestType::from(n) == t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, String> {
+        Config::parse(yaml, Path::new("/etc/gw/config.yaml")).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str = "
+tss_node_public_key: keys/node.pub
+gateway_private_key: /abs/gw.pem
+";
+
+    fn with_server(extra: &str) -> String {
+        format!(
+            "{BASE}callback_servers:\n  - name: risk-engine\n    service_address: http://127.0.0.1:1/v2/check\n    pubkey_path: keys/r.pub\n{extra}"
+        )
+    }
+
+    #[test]
+    fn defaults_and_paths() {
+        let c = parse(&with_server("")).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:11020");
+        assert_eq!(c.service_name, "tss-callback-gateway");
+        assert_eq!(c.token_expire_minutes, 2);
+        assert_eq!(c.deadline_ms, 8000);
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.tss_node_public_key, PathBuf::from("/etc/gw/keys/node.pub"));
+        assert_eq!(c.gateway_private_key, PathBuf::from("/abs/gw.pem"));
+        let s = &c.callback_servers[0];
+        assert_eq!((s.timeout_ms, s.retries, s.mode), (5000, 1, Mode::Enforce));
+        assert_eq!(s.pubkey_path, PathBuf::from("/etc/gw/keys/r.pub"));
+        assert!(s.subscribes(RequestType::Ping) && s.subscribes(RequestType::KeyShareSign));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases: &[(String, &str)] = &[
+            (format!("{BASE}bogus: 1\n"), "bogus"),
+            (with_server("    colour: red\n"), "colour"),
+            (with_server("    timeout_ms: 9000\n"), "callback_servers[0].timeout_ms"),
+            (with_server("    mode: loud\n"), "loud"),
+            (with_server("    request_types: [key_sing]\n"), "key_sing"),
+            (with_server("    request_types: []\n"), "request_types"),
+            (
+                with_server("  - name: risk-engine\n    service_address: http://x/\n    pubkey_path: k\n"),
+                "duplicate server name",
+            ),
+            (with_server("").replace("risk-engine", "Risk Engine"), "callback_servers[0].name"),
+            (with_server("").replace("http://127", "ftp://127"), "service_address"),
+            (BASE.to_string(), "nothing would be checked"),
+            (with_server("    mode: shadow\n"), "nothing would be checked"),
+            (format!("{}listen: nowhere\n", with_server("")), "listen"),
+            ("gateway_private_key: x\n".to_string(), "tss_node_public_key"),
+            (format!("{}token_expire_minutes: 0\n", with_server("")), "token_expire_minutes"),
+        ];
+        for (yaml, needle) in cases {
+            let err = parse(yaml).expect_err(needle);
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            assert!(!err.contains('\n'), "multi-line error {err:?}");
+            assert!(err.starts_with("config /etc/gw/config.yaml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rules_alone_are_enough() {
+        let c = parse(&format!("{BASE}embedded_risk_control_rules: {{ enable: true }}\n")).unwrap();
+        assert!(c.callback_servers.is_empty());
+        assert!(c.is_checked(RequestType::KeySign));
+        let c = parse(&with_server("    request_types: [key_sign]\n")).unwrap();
+        assert!(c.is_checked(RequestType::KeySign));
+        assert!(!c.is_checked(RequestType::KeyGen));
+        assert!(c.is_checked(RequestType::Ping));
+    }
+}

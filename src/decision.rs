@@ -1,0 +1,145 @@
+//! The gateway's answer from the embedded rules' verdict and the enforcing servers' verdicts.
+//! Pure: values in, a [`Decision`] out. APPROVE is reachable only through one arm below.
+
+use crate::fanout::{Outcome, Verdict};
+use crate::protocol::{Action, Status};
+use crate::rules::RuleVerdict;
+
+/// The gateway's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub status: Status,
+    pub action: Action,
+    pub error: String,
+}
+
+// === impl Decision ===
+
+impl Decision {
+    pub fn reject(status: Status, error: String) -> Decision {
+        Decision {
+            status,
+            action: Action::Reject,
+            error,
+        }
+    }
+
+    pub fn is_approval(&self) -> bool {
+        self.status == Status::Ok && self.action == Action::Approve
+    }
+
+    /// The `outcome` label of `tss_gateway_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        use crate::metrics::outcome::*;
+        match (self.status, self.action) {
+            (Status::Ok, Action::Approve) => APPROVED,
+            (Status::Ok, Action::Reject) => REJECTED,
+            (Status::InvalidToken, _) => INVALID_TOKEN,
+            (Status::InvalidRequest, _) => INVALID_REQUEST,
+            (Status::InternalError, _) => FAILED,
+        }
+    }
+}
+
+/// Decides a request that passed token and payload checks. `verdicts` are the enforcing servers'
+/// (empty when none subscribes to the type, or when the rules rejected and none was called).
+pub fn decide(rules: &RuleVerdict, verdicts: &[Verdict]) -> Decision {
+    if let RuleVerdict::Reject(rule) = rules {
+        return Decision::reject(Status::Ok, format!("embedded risk control: {rule}"));
+    }
+    if verdicts.is_empty() {
+        return match rules {
+            RuleVerdict::Pass => approve(),
+            // Nothing checked this request: that is never an approval.
+            _ => Decision::reject(
+                Status::Ok,
+                "no check configured for this request type: embedded rules are off and no enforcing server subscribes to it".into(),
+            ),
+        };
+    }
+    if let Some(v) = verdicts.iter().find(|v| v.outcome == Outcome::Rejected) {
+        return Decision::reject(Status::Ok, format!("{}: {}", v.server, v.detail));
+    }
+    if verdicts.iter().all(|v| v.outcome == Outcome::Approved) {
+        return approve();
+    }
+    let failures: Vec<String> = verdicts
+        .iter()
+        .filter(|v| v.outcome.is_failure())
+        .map(|v| format!("{}: {}", v.server, v.detail))
+        .collect();
+    Decision::reject(Status::InternalError, failures.join("; "))
+}
+
+fn approve() -> Decision {
+    Decision {
+        status: Status::Ok,
+        action: Action::Approve,
+        error: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use std::time::Duration;
+
+    fn v(server: &str, outcome: Outcome, detail: &str) -> Verdict {
+        Verdict {
+            server: server.into(),
+            mode: Mode::Enforce,
+            outcome,
+            duration: Duration::from_millis(5),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn table() {
+        use Outcome::*;
+        let pass = RuleVerdict::Pass;
+        let off = RuleVerdict::Off;
+        let approve = |e: &str| (Status::Ok, Action::Approve, e.to_owned());
+        let reject = |s, e: &str| (s, Action::Reject, e.to_owned());
+        let cases = vec![
+            (RuleVerdict::Reject("key_gen not in allow_list".into()), vec![v("a", Approved, "")],
+             reject(Status::Ok, "embedded risk control: key_gen not in allow_list")),
+            (pass.clone(), vec![], approve("")),
+            (off.clone(), vec![], reject(Status::Ok, "no check configured for this request type: embedded rules are off and no enforcing server subscribes to it")),
+            (off.clone(), vec![v("a", Approved, ""), v("b", Approved, "")], approve("")),
+            (pass.clone(), vec![v("a", Approved, ""), v("b", Rejected, "limit exceeded"), v("c", Cancelled, "cancelled")],
+             reject(Status::Ok, "b: limit exceeded")),
+            (pass.clone(), vec![v("a", Timeout, "timeout: no answer within 5 ms"), v("b", Rejected, "no")],
+             reject(Status::Ok, "b: no")),
+            (pass.clone(), vec![v("a", Approved, ""), v("b", Timeout, "timeout: no answer within 5 ms")],
+             reject(Status::InternalError, "b: timeout: no answer within 5 ms")),
+            (off.clone(), vec![v("a", BadSignature, "bad_signature: x"), v("b", ErrorStatus, "error_status: status 30"), v("c", Approved, "")],
+             reject(Status::InternalError, "a: bad_signature: x; b: error_status: status 30")),
+        ];
+        for (rules, verdicts, (status, action, error)) in cases {
+            let d = decide(&rules, &verdicts);
+            assert_eq!((d.status, d.action, d.error.as_str()), (status, action, error.as_str()), "{rules:?} {verdicts:?}");
+        }
+    }
+
+    /// Fail closed: over every combination of outcomes for three servers, APPROVE appears only
+    /// when every one of them approved and the rules did not reject.
+    #[test]
+    fn approve_only_when_all_approve() {
+        use Outcome::*;
+        let all = [Approved, Rejected, Timeout, TransportError, HttpError, BadSignature, BadResponse, ErrorStatus, Cancelled, Pending];
+        for rules in [RuleVerdict::Off, RuleVerdict::Pass, RuleVerdict::Reject("r".into())] {
+            for a in all {
+                for b in all {
+                    for c in all {
+                        let vs = [v("a", a, ""), v("b", b, ""), v("c", c, "")];
+                        let d = decide(&rules, &vs);
+                        let expect = !matches!(rules, RuleVerdict::Reject(_)) && [a, b, c].iter().all(|&o| o == Approved);
+                        assert_eq!(d.is_approval(), expect, "{rules:?} {a:?} {b:?} {c:?}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! RSA keys in the four PEM forms Cobo's tools write, parsed once into the values that sign and
+//! verify.
+//!
+//! Parsing happens at load and reload only: a [`Signer`] or [`Verifier`] holds the key material
+//! already decoded, so the request path never touches PEM or DER.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::rsa::{KeyPair, KeySize};
+use aws_lc_rs::signature::{self, KeyPair as _, ParsedPublicKey};
+
+/// Why a key file could not be used. Each variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key file {path}: not a PEM file: {detail}")]
+    NotPem { path: PathBuf, detail: String },
+    #[error("key file {path}: PEM block `{tag}` is not {expected}")]
+    WrongKind {
+        path: PathBuf,
+        tag: String,
+        expected: &'static str,
+    },
+    #[error("key file {path}: not a usable RSA key ({detail})")]
+    NotRsa { path: PathBuf, detail: String },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("generating an RSA key failed")]
+    Generate,
+}
+
+/// An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256).
+pub struct Signer {
+    key: KeyPair,
+    rng: SystemRandom,
+}
+
+/// An RSA public key that verifies RS256 signatures, parsed once.
+pub struct Verifier {
+    key: ParsedPublicKey,
+}
+
+// === impl Signer ===
+
+impl Signer {
+    /// Loads a private key from a PKCS#8 (`BEGIN PRIVATE KEY`) or PKCS#1 (`BEGIN RSA PRIVATE KEY`)
+    /// PEM file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let block = read_pem(path)?;
+        let key = match block.tag() {
+            "PRIVATE KEY" => KeyPair::from_pkcs8(block.contents()),
+            "RSA PRIVATE KEY" => KeyPair::from_der(block.contents()),
+            other => {
+                return Err(KeyError::WrongKind {
+                    path: path.to_owned(),
+                    tag: other.to_owned(),
+                    expected: "`PRIVATE KEY` or `RSA PRIVATE KEY`",
+                })
+            }
+        }
+        .map_err(|e| KeyError::NotRsa {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self::from_key_pair(key))
+    }
+
+    fn from_key_pair(key: KeyPair) -> Self {
+        Signer {
+            key,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// Signs `message` with RS256 and returns the raw signature.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let mut sig = vec![0; self.key.public_modulus_len()];
+        // Signing with a key that loaded can only fail if the system RNG fails (RSA blinding);
+        // an empty signature then simply fails verification on the other side: fail closed.
+        if self
+            .key
+            .sign(&signature::RSA_PKCS1_SHA256, &self.rng, message, &mut sig)
+            .is_err()
+        {
+            sig.clear();
+        }
+        sig
+    }
+
+    /// The matching public key, for tests and the demo.
+    pub fn verifier(&self) -> Verifier {
+        let der = self.key.public_key().as_ref().to_vec();
+        Verifier {
+            // The public half of a key pair that loaded is always a valid RSA public key.
+            key: ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+                .expect("public half of a loaded RSA key pair"),
+        }
+    }
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signer(RSA-{})", self.key.public_modulus_len() * 8)
+    }
+}
+
+// === impl Verifier ===
+
+impl Verifier {
+    /// Loads a public key from an SPKI (`BEGIN PUBLIC KEY`) or PKCS#1 (`BEGIN RSA PUBLIC KEY`) PEM
+    /// file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let block = read_pem(path)?;
+        if !matches!(block.tag(), "PUBLIC KEY" | "RSA PUBLIC KEY") {
+            return Err(KeyError::WrongKind {
+                path: path.to_owned(),
+                tag: block.tag().to_owned(),
+                expected: "`PUBLIC KEY` or `RSA PUBLIC KEY`",
+            });
+        }
+        // aws-lc accepts both the PKCS#1 and the SPKI encoding of an RSA key here, and refuses
+        // any other key type (EC, Ed25519) for an RSA algorithm.
+        let key = ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, block.contents())
+            .map_err(|e| KeyError::NotRsa {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            })?;
+        Ok(Verifier { key })
+    }
+
+    /// True when `sig` is a valid RS256 signature of `message` by this key.
+    pub fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
+        self.key.verify_sig(message, sig).is_ok()
+    }
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Verifier(RSA)")
+    }
+}
+
+fn read_pem(path: &Path) -> Result<pem::Pem, KeyError> {
+    let text = fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    pem::parse(text).map_err(|e| KeyError::NotPem {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Where `keygen` wrote a key pair.
+#[derive(Debug)]
+pub struct KeyFiles {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+/// Generates an RSA-2048 key pair and writes `DIR/NAME-pri.pem` (PKCS#8, mode 0600) and
+/// `DIR/NAME-pub.key` (SPKI). Existing files are not overwritten.
+pub fn generate(dir: &Path, name: &str) -> Result<KeyFiles, KeyError> {
+    let pair = KeyPair::generate(KeySize::Rsa2048).map_err(|_| KeyError::Generate)?;
+    let private_der = pair.as_der().map_err(|_| KeyError::Generate)?;
+    let public_der = pair.public_key().as_der().map_err(|_| KeyError::Generate)?;
+    let private_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", private_der.as_ref().to_vec()));
+    let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", public_der.as_ref().to_vec()));
+
+    fs::create_dir_all(dir).map_err(|source| KeyError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let files = KeyFiles {
+        private: dir.join(format!("{name}-pri.pem")),
+        public: dir.join(format!("{name}-pub.key")),
+    };
+    write_new(&files.private, private_pem.as_bytes(), 0o600)?;
+    write_new(&files.public, public_pem.as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
+    let err = |source| KeyError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    // create_new: never clobber a key someone may still depend on; mode set at creation so the
+    // private key is never readable by others, not even briefly.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pair_signs_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = generate(dir.path(), "t").unwrap();
+        let signer = Signer::load(&files.private).unwrap();
+        let verifier = Verifier::load(&files.public).unwrap();
+        let sig = signer.sign(b"hello");
+        assert!(verifier.verify(b"hello", &sig));
+        assert!(!verifier.verify(b"hellp", &sig));
+        let mode = fs::metadata(&files.private).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert!(fs::read_to_string(&files.private)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(fs::read_to_string(&files.public)
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----"));
+        // A second keygen into the same place must not overwrite the first pair.
+        assert!(matches!(
+            generate(dir.path(), "t"),
+            Err(KeyError::Write { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_pem_kind_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = generate(dir.path(), "t").unwrap();
+        let err = Verifier::load(&files.private).unwrap_err().to_string();
+        assert!(err.contains("t-pri.pem") && err.contains("PRIVATE KEY"), "{err}");
+        let err = Signer::load(&files.public).unwrap_err().to_string();
+        assert!(err.contains("t-pub.key"), "{err}");
+        let missing = dir.path().join("nope.pem");
+        let err = Signer::load(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope.pem") && err.contains("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,79 @@
+//! tss-callback-gateway: the one callback server a Cobo TSS Node talks to, which asks every
+//! configured risk-control callback server at once and approves only if all of them (and the
+//! node's embedded rules) do.
+//!
+//! A request flows through the modules in this order: [`server`] reads it, [`protocol`] verifies
+//! the node's token, [`rules`] applies the embedded rules, [`fanout`] asks the downstreams through
+//! [`client`], [`decision`] makes the answer, [`audit`] records it, and [`server`] signs it.
+
+pub mod audit;
+pub mod client;
+pub mod config;
+pub mod decision;
+pub mod demo;
+pub mod fanout;
+pub mod health;
+pub mod keys;
+pub mod metrics;
+pub mod probe;
+pub mod protocol;
+pub mod reload;
+pub mod rules;
+pub mod runtime;
+pub mod serve;
+pub mod server;
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::audit::AuditLog;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+
+/// State shared by every request: the current config generation and what outlives it.
+pub struct Shared {
+    /// Swapped whole on reload; each request holds the generation it started with.
+    pub runtime: ArcSwap<Runtime>,
+    pub audit: ArcSwapOption<AuditLog>,
+    pub metrics: Metrics,
+    pub health: Health,
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Wraps a loaded generation; opens its audit log and sets the config gauges.
+    pub fn new(rt: Runtime, metrics: Metrics) -> std::io::Result<Arc<Shared>> {
+        let audit = match &rt.config.audit_log {
+            Some(path) => Some(Arc::new(AuditLog::open(path)?)),
+            None => None,
+        };
+        let shared = Shared {
+            runtime: ArcSwap::from_pointee(rt),
+            audit: ArcSwapOption::new(audit),
+            metrics,
+            health: Health::default(),
+        };
+        shared.set_config_gauges();
+        Ok(Arc::new(shared))
+    }
+
+    /// `tss_gateway_callback_servers{mode}` and the last-success timestamp, for the current
+    /// generation.
+    pub fn set_config_gauges(&self) {
+        let rt = self.runtime.load();
+        for mode in [config::Mode::Enforce, config::Mode::Shadow] {
+            let n = rt.downstreams.iter().filter(|d| d.mode == mode).count();
+            self.metrics
+                .callback_servers
+                .with_label_values(&[mode.as_str()])
+                .set(n as i64);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.config_last_reload_success.set(now);
+    }
+}

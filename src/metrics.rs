@@ -1,0 +1,127 @@
+//! The Prometheus registry and every metric handle, named exactly as CONTRACT.md section 7 says:
+//! dashboards and alerts depend on these names and label values.
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets from 1 ms to 30 s, dense around the 5–500 ms where downstream answers usually land.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 15.0, 30.0,
+];
+
+/// Every metric the gateway exports, on a registry of its own (so several gateways can live in
+/// one test process).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub downstream_requests: IntCounterVec,
+    pub downstream_duration: HistogramVec,
+    pub downstream_up: IntGaugeVec,
+    pub in_flight: IntGauge,
+    pub embedded_rejections: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+    pub callback_servers: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+}
+
+/// Request outcomes (`tss_gateway_requests_total{outcome}`).
+pub mod outcome {
+    pub const APPROVED: &str = "approved";
+    pub const REJECTED: &str = "rejected";
+    pub const FAILED: &str = "failed";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const INVALID_REQUEST: &str = "invalid_request";
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($metric:expr) => {{
+                let m = $metric.expect("metric definitions are static and valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("each metric is registered once");
+                m
+            }};
+        }
+        let histogram = |name: &str, help: &str| {
+            HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
+        };
+        let m = Metrics {
+            requests: register!(IntCounterVec::new(
+                Opts::new("tss_gateway_requests_total", "Callback requests answered, by task type and outcome."),
+                &["type", "outcome"]
+            )),
+            request_duration: register!(HistogramVec::new(
+                histogram("tss_gateway_request_duration_seconds", "Time from receiving a callback to answering it."),
+                &["type"]
+            )),
+            downstream_requests: register!(IntCounterVec::new(
+                Opts::new("tss_gateway_downstream_requests_total", "Calls to downstream callback servers, by server and outcome."),
+                &["server", "outcome"]
+            )),
+            downstream_duration: register!(HistogramVec::new(
+                histogram("tss_gateway_downstream_duration_seconds", "Time a downstream callback server took to answer, retries included."),
+                &["server"]
+            )),
+            downstream_up: register!(IntGaugeVec::new(
+                Opts::new("tss_gateway_downstream_up", "1 if the last health check of the server succeeded."),
+                &["server"]
+            )),
+            in_flight: register!(IntGauge::new(
+                "tss_gateway_in_flight_requests",
+                "Callback requests being decided right now."
+            )),
+            embedded_rejections: register!(IntCounterVec::new(
+                Opts::new("tss_gateway_embedded_rejections_total", "Requests rejected by the embedded risk control rules."),
+                &["type"]
+            )),
+            config_reloads: register!(IntCounterVec::new(
+                Opts::new("tss_gateway_config_reloads_total", "Configuration reload attempts by result."),
+                &["result"]
+            )),
+            config_last_reload_success: register!(Gauge::new(
+                "tss_gateway_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load."
+            )),
+            callback_servers: register!(IntGaugeVec::new(
+                Opts::new("tss_gateway_callback_servers", "Configured downstream callback servers by mode."),
+                &["mode"]
+            )),
+            build_info: register!(IntGaugeVec::new(
+                Opts::new("tss_gateway_build_info", "Always 1; the version label says which build runs."),
+                &["version"]
+            )),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Both results exist from the start so rate() and alerts see a zero, not an absence.
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding metrics that are registered and well-formed into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

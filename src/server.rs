@@ -1,0 +1,342 @@
+//! HTTP routes. The callback route is thin: read the body, decide, audit, sign the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::time::Instant;
+
+use crate::audit::AuditRecord;
+use crate::decision::{decide, Decision};
+use crate::fanout::{self, Verdict};
+use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status, FORM_FIELD};
+use crate::rules::RuleVerdict;
+use crate::runtime::Runtime;
+use crate::Shared;
+
+/// Everything known about one request once it is decided.
+struct Answer {
+    request_id: String,
+    code: Option<i64>,
+    decision: Decision,
+    embedded: String,
+    verdicts: Vec<Verdict>,
+    http: StatusCode,
+}
+
+/// Decrements the in-flight gauge however the request ends (including a dropped connection).
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v2/check", post(check))
+        .route("/v1/check", post(check))
+        .route("/ping", get(ping))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    shared.metrics.in_flight.inc();
+    let _in_flight = InFlight(shared.metrics.in_flight.clone());
+    // The whole request runs on the generation it started with, even if a reload lands meanwhile.
+    let rt = shared.runtime.load_full();
+    let deadline = started + Duration::from_millis(rt.config.deadline_ms);
+
+    let mut answer = match read_body(&headers, body, rt.config.max_body_bytes).await {
+        Ok(bytes) => decide_request(&shared, &rt, &bytes, deadline).await,
+        Err(answer) => answer,
+    };
+    let elapsed = started.elapsed();
+    let kind = protocol::type_name(answer.code);
+
+    if let Some(audit) = shared.audit.load_full() {
+        let record = AuditRecord {
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: &answer.request_id,
+            kind,
+            status: answer.decision.status.code(),
+            action: answer.decision.action.as_str(),
+            error: &answer.decision.error,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            embedded: answer.embedded.clone(),
+            servers: &answer.verdicts,
+            config_generation: rt.generation,
+        };
+        if let Err(e) = audit.append(&record) {
+            // An answer that cannot be audited is not given as an approval.
+            tracing::error!(path = %audit.path().display(), error = %e, "audit log write failed");
+            if answer.decision.is_approval() {
+                answer.decision =
+                    Decision::reject(Status::InternalError, format!("audit log unavailable: {e}"));
+            }
+        }
+    }
+
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[kind, answer.decision.outcome()])
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .with_label_values(&[kind])
+        .observe(elapsed.as_secs_f64());
+    log_decision(&answer, kind, elapsed);
+
+    let response = CallbackResponse::new(
+        &answer.request_id,
+        answer.decision.status,
+        answer.decision.action,
+        answer.decision.error,
+    );
+    let token = sign_for_node(&rt, &response);
+    // The token is base64url and dots only, so quoting it makes a valid JSON string.
+    (
+        answer.http,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("\"{token}\""),
+    )
+        .into_response()
+}
+
+fn sign_for_node(rt: &Runtime, response: &CallbackResponse) -> String {
+    let json = serde_json::to_vec(response).unwrap_or_default();
+    protocol::sign_token(
+        &rt.signer,
+        &json,
+        &rt.config.service_name,
+        rt.config.token_expire_minutes as i64 * 60,
+    )
+}
+
+fn invalid(status: Status, request_id: String, code: Option<i64>, error: String) -> Answer {
+    Answer {
+        request_id,
+        code,
+        decision: Decision::reject(status, error),
+        embedded: "not_evaluated".into(),
+        verdicts: Vec::new(),
+        http: StatusCode::OK,
+    }
+}
+
+/// Reads the body up to `limit` bytes; a larger one is refused from its Content-Length, or as
+/// soon as the limit is crossed, without buffering the rest.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Answer> {
+    let too_large = || {
+        let mut a = invalid(
+            Status::InvalidRequest,
+            String::new(),
+            None,
+            format!("request body is larger than max_body_bytes ({limit})"),
+        );
+        a.http = StatusCode::PAYLOAD_TOO_LARGE;
+        a
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = s.source();
+        }
+        invalid(
+            Status::InvalidRequest,
+            String::new(),
+            None,
+            format!("request body could not be read: {e}"),
+        )
+    })
+}
+
+/// Token, payload, rules, fan-out: the decision table of CONTRACT.md section 6, in its order.
+async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: Instant) -> Answer {
+    let mut tokens = form_urlencoded::parse(body).filter(|(k, _)| k == FORM_FIELD);
+    let token = match (tokens.next(), tokens.next()) {
+        (Some((_, t)), None) => t,
+        (None, _) => {
+            return invalid(
+                Status::InvalidToken,
+                String::new(),
+                None,
+                format!("form field {FORM_FIELD} missing"),
+            )
+        }
+        (Some(_), Some(_)) => {
+            return invalid(
+                Status::InvalidToken,
+                String::new(),
+                None,
+                format!("form field {FORM_FIELD} given more than once"),
+            )
+        }
+    };
+    let claims = match protocol::verify_token(&token, &rt.node_verifier, protocol::now_secs()) {
+        Ok(c) => c,
+        Err(e) => return invalid(Status::InvalidToken, String::new(), None, e.to_string()),
+    };
+    let package = match protocol::decode_package(&claims.package_data) {
+        Ok(p) => p,
+        Err(e) => return invalid(Status::InvalidRequest, String::new(), None, e.to_string()),
+    };
+    let request = match CallbackRequest::parse(&package) {
+        Ok(r) => r,
+        Err(e) => {
+            let (id, code) = salvage_ids(&package);
+            return invalid(Status::InvalidRequest, id, code, e.to_string());
+        }
+    };
+
+    let code = request.request_type;
+    let kind = RequestType::from_code(code);
+    let detail = request.request_detail.as_deref().unwrap_or("");
+    let rules = rt.config.embedded_risk_control_rules.check(code, detail);
+    let embedded = match &rules {
+        RuleVerdict::Off => "off".to_owned(),
+        RuleVerdict::Pass => "pass".to_owned(),
+        RuleVerdict::Reject(rule) => format!("reject: {rule}"),
+    };
+    let mut verdicts = Vec::new();
+    if matches!(rules, RuleVerdict::Reject(_)) {
+        shared
+            .metrics
+            .embedded_rejections
+            .with_label_values(&[protocol::type_name(Some(code))])
+            .inc();
+    } else {
+        let servers: Vec<_> = rt.subscribers(kind).collect();
+        if !servers.is_empty() {
+            // One signature for all downstreams: they all get the node's exact bytes.
+            let token: Arc<str> = protocol::sign_token(
+                &rt.signer,
+                &package,
+                &rt.config.service_name,
+                rt.config.token_expire_minutes as i64 * 60,
+            )
+            .into();
+            let (enforcing, shadows) = fanout::fan_out(
+                servers.into_iter(),
+                token,
+                request.request_id.as_str().into(),
+                kind == Some(RequestType::Ping),
+                deadline,
+                &shared.metrics,
+            )
+            .await;
+            verdicts = enforcing;
+            let decision = decide(&rules, &verdicts);
+            verdicts.extend(fanout::shadow_snapshot(&shadows));
+            return Answer {
+                request_id: request.request_id,
+                code: Some(code),
+                decision,
+                embedded,
+                verdicts,
+                http: StatusCode::OK,
+            };
+        }
+    }
+    Answer {
+        decision: decide(&rules, &verdicts),
+        request_id: request.request_id,
+        code: Some(code),
+        embedded,
+        verdicts,
+        http: StatusCode::OK,
+    }
+}
+
+/// Best-effort `request_id` and `request_type` from a payload that failed to parse, so the
+/// status-10 answer can still name the request.
+fn salvage_ids(package: &[u8]) -> (String, Option<i64>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(package) else {
+        return (String::new(), None);
+    };
+    let id = v
+        .get("request_id")
+        .and_then(|x| x.as_str())
+        .filter(|s| s.len() <= protocol::MAX_REQUEST_ID_BYTES)
+        .unwrap_or_default()
+        .to_owned();
+    (id, v.get("request_type").and_then(|x| x.as_i64()))
+}
+
+fn log_decision(a: &Answer, kind: &str, elapsed: Duration) {
+    let servers: Vec<String> = a
+        .verdicts
+        .iter()
+        .map(|v| {
+            format!(
+                "{}={}({}ms)",
+                v.server,
+                v.outcome.as_str(),
+                v.duration.as_millis()
+            )
+        })
+        .collect();
+    tracing::info!(
+        request_id = %crate::client::snippet(&a.request_id),
+        r#type = kind,
+        status = a.decision.status.code(),
+        decision = a.decision.action.as_str(),
+        duration_ms = elapsed.as_millis() as u64,
+        servers = %servers.join(","),
+        error = %crate::client::snippet(&a.decision.error),
+        "decision"
+    );
+}
+
+async fn ping(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let rt = shared.runtime.load();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Json(serde_json::json!({ "server": rt.config.service_name, "timestamp": ms }))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let rt = shared.runtime.load();
+    Json(serde_json::json!({
+        "ready": true,
+        "config_generation": rt.generation,
+        "servers": shared.health.report(&rt),
+    }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}
