@@ -66,6 +66,9 @@ impl AuditLog {
 
     /// Flushes file data to disk (at shutdown).
     pub fn sync(&self) -> std::io::Result<()> {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).sync_data()
+        self.file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync_data()
     }
 }

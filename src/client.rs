@@ -118,13 +118,14 @@ pub fn read_answer(
     } else {
         text.to_owned()
     };
-    let claims = protocol::verify_token(&token, verifier, protocol::now_secs()).map_err(|e| match e {
-        TokenError::Malformed(_) => unsigned(format!("{e}: {}", snippet(text))),
-        TokenError::Algorithm(_) | TokenError::Signature | TokenError::Expired { .. } => {
-            CallError::BadSignature(e.to_string())
-        }
-        TokenError::Claims(_) => CallError::BadResponse(e.to_string()),
-    })?;
+    let claims =
+        protocol::verify_token(&token, verifier, protocol::now_secs()).map_err(|e| match e {
+            TokenError::Malformed(_) => unsigned(format!("{e}: {}", snippet(text))),
+            TokenError::Algorithm(_) | TokenError::Signature | TokenError::Expired { .. } => {
+                CallError::BadSignature(e.to_string())
+            }
+            TokenError::Claims(_) => CallError::BadResponse(e.to_string()),
+        })?;
     let package = protocol::decode_package(&claims.package_data)
         .map_err(|e| CallError::BadResponse(e.to_string()))?;
     let response: CallbackResponse = serde_json::from_slice(&package)

@@ -6,7 +6,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::RequestType;
 use crate::rules::RuleSet;
@@ -79,7 +79,7 @@ pub struct ServerConfig {
 }
 
 /// Whether a server's answer counts.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Its answer is waited for and must approve.
@@ -240,7 +240,10 @@ impl Config {
                 ));
             }
             if !names.insert(s.name.as_str()) {
-                return Err(field(at("name"), format!("duplicate server name {:?}", s.name)));
+                return Err(field(
+                    at("name"),
+                    format!("duplicate server name {:?}", s.name),
+                ));
             }
             match reqwest::Url::parse(&s.service_address) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
@@ -263,10 +266,7 @@ impl Config {
             if s.timeout_ms > self.deadline_ms {
                 return Err(field(
                     at("timeout_ms"),
-                    format!(
-                        "{} is above deadline_ms {}",
-                        s.timeout_ms, self.deadline_ms
-                    ),
+                    format!("{} is above deadline_ms {}", s.timeout_ms, self.deadline_ms),
                 ));
             }
             if s.retries > 10 {
@@ -308,7 +308,11 @@ impl Config {
 impl ServerConfig {
     /// Ping goes to every server; other types only where listed.
     pub fn subscribes(&self, t: RequestType) -> bool {
-        t == RequestType::Ping || self.request_types.iter().any(|&n| RequestType::from(n) == t)
+        t == RequestType::Ping
+            || self
+                .request_types
+                .iter()
+                .any(|&n| RequestType::from(n) == t)
     }
 }
 
@@ -339,7 +343,10 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.token_expire_minutes, 2);
         assert_eq!(c.deadline_ms, 8000);
         assert_eq!(c.max_body_bytes, 1_048_576);
-        assert_eq!(c.tss_node_public_key, PathBuf::from("/etc/gw/keys/node.pub"));
+        assert_eq!(
+            c.tss_node_public_key,
+            PathBuf::from("/etc/gw/keys/node.pub")
+        );
         assert_eq!(c.gateway_private_key, PathBuf::from("/abs/gw.pem"));
         let s = &c.callback_servers[0];
         assert_eq!((s.timeout_ms, s.retries, s.mode), (5000, 1, Mode::Enforce));
@@ -352,21 +359,41 @@ gateway_private_key: /abs/gw.pem
         let cases: &[(String, &str)] = &[
             (format!("{BASE}bogus: 1\n"), "bogus"),
             (with_server("    colour: red\n"), "colour"),
-            (with_server("    timeout_ms: 9000\n"), "callback_servers[0].timeout_ms"),
+            (
+                with_server("    timeout_ms: 9000\n"),
+                "callback_servers[0].timeout_ms",
+            ),
             (with_server("    mode: loud\n"), "loud"),
             (with_server("    request_types: [key_sing]\n"), "key_sing"),
             (with_server("    request_types: []\n"), "request_types"),
             (
-                with_server("  - name: risk-engine\n    service_address: http://x/\n    pubkey_path: k\n"),
+                with_server(
+                    "  - name: risk-engine\n    service_address: http://x/\n    pubkey_path: k\n",
+                ),
                 "duplicate server name",
             ),
-            (with_server("").replace("risk-engine", "Risk Engine"), "callback_servers[0].name"),
-            (with_server("").replace("http://127", "ftp://127"), "service_address"),
+            (
+                with_server("").replace("risk-engine", "Risk Engine"),
+                "callback_servers[0].name",
+            ),
+            (
+                with_server("").replace("http://127", "ftp://127"),
+                "service_address",
+            ),
             (BASE.to_string(), "nothing would be checked"),
-            (with_server("    mode: shadow\n"), "nothing would be checked"),
+            (
+                with_server("    mode: shadow\n"),
+                "nothing would be checked",
+            ),
             (format!("{}listen: nowhere\n", with_server("")), "listen"),
-            ("gateway_private_key: x\n".to_string(), "tss_node_public_key"),
-            (format!("{}token_expire_minutes: 0\n", with_server("")), "token_expire_minutes"),
+            (
+                "gateway_private_key: x\n".to_string(),
+                "tss_node_public_key",
+            ),
+            (
+                format!("{}token_expire_minutes: 0\n", with_server("")),
+                "token_expire_minutes",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = parse(yaml).expect_err(needle);
@@ -378,7 +405,10 @@ gateway_private_key: /abs/gw.pem
 
     #[test]
     fn rules_alone_are_enough() {
-        let c = parse(&format!("{BASE}embedded_risk_control_rules: {{ enable: true }}\n")).unwrap();
+        let c = parse(&format!(
+            "{BASE}embedded_risk_control_rules: {{ enable: true }}\n"
+        ))
+        .unwrap();
         assert!(c.callback_servers.is_empty());
         assert!(c.is_checked(RequestType::KeySign));
         let c = parse(&with_server("    request_types: [key_sign]\n")).unwrap();

@@ -119,7 +119,11 @@ mod tests {
         ];
         for (rules, verdicts, (status, action, error)) in cases {
             let d = decide(&rules, &verdicts);
-            assert_eq!((d.status, d.action, d.error.as_str()), (status, action, error.as_str()), "{rules:?} {verdicts:?}");
+            assert_eq!(
+                (d.status, d.action, d.error.as_str()),
+                (status, action, error.as_str()),
+                "{rules:?} {verdicts:?}"
+            );
         }
     }
 
@@ -128,14 +132,30 @@ mod tests {
     #[test]
     fn approve_only_when_all_approve() {
         use Outcome::*;
-        let all = [Approved, Rejected, Timeout, TransportError, HttpError, BadSignature, BadResponse, ErrorStatus, Cancelled, Pending];
-        for rules in [RuleVerdict::Off, RuleVerdict::Pass, RuleVerdict::Reject("r".into())] {
+        let all = [
+            Approved,
+            Rejected,
+            Timeout,
+            TransportError,
+            HttpError,
+            BadSignature,
+            BadResponse,
+            ErrorStatus,
+            Cancelled,
+            Pending,
+        ];
+        for rules in [
+            RuleVerdict::Off,
+            RuleVerdict::Pass,
+            RuleVerdict::Reject("r".into()),
+        ] {
             for a in all {
                 for b in all {
                     for c in all {
                         let vs = [v("a", a, ""), v("b", b, ""), v("c", c, "")];
                         let d = decide(&rules, &vs);
-                        let expect = !matches!(rules, RuleVerdict::Reject(_)) && [a, b, c].iter().all(|&o| o == Approved);
+                        let expect = !matches!(rules, RuleVerdict::Reject(_))
+                            && [a, b, c].iter().all(|&o| o == Approved);
                         assert_eq!(d.is_approval(), expect, "{rules:?} {a:?} {b:?} {c:?}");
                     }
                 }

@@ -169,7 +169,10 @@ pub async fn call(
             ds,
             Outcome::BadResponse,
             elapsed,
-            format!("bad_response: unknown action {:?}", client::snippet(&resp.action)),
+            format!(
+                "bad_response: unknown action {:?}",
+                client::snippet(&resp.action)
+            ),
         ),
     }
 }
@@ -205,8 +208,12 @@ pub async fn fan_out<'a>(
             Mode::Shadow => {
                 let slot = Arc::new(OnceLock::new());
                 shadows.push((ds.clone(), slot.clone()));
-                let (ds, token, id, metrics) =
-                    (ds.clone(), token.clone(), request_id.clone(), metrics.clone());
+                let (ds, token, id, metrics) = (
+                    ds.clone(),
+                    token.clone(),
+                    request_id.clone(),
+                    metrics.clone(),
+                );
                 tokio::spawn(async move {
                     let v = call(&ds, &token, &id, is_ping, deadline).await;
                     record(&metrics, &v);
@@ -219,7 +226,8 @@ pub async fn fan_out<'a>(
                 enforcing.push(ds.clone());
                 let (token, id) = (token.clone(), request_id.clone());
                 let ds = ds.clone();
-                pending.push(async move { (index, call(&ds, &token, &id, is_ping, deadline).await) });
+                pending
+                    .push(async move { (index, call(&ds, &token, &id, is_ping, deadline).await) });
             }
         }
     }
@@ -238,7 +246,12 @@ pub async fn fan_out<'a>(
     // Dropping `pending` cancels the calls still running.
     drop(pending);
     for (ds, _) in enforcing.iter().zip(&done).filter(|(_, &d)| !d) {
-        let v = Verdict::new(ds, Outcome::Cancelled, Duration::ZERO, "cancelled: another server rejected".into());
+        let v = Verdict::new(
+            ds,
+            Outcome::Cancelled,
+            Duration::ZERO,
+            "cancelled: another server rejected".into(),
+        );
         record(metrics, &v);
         verdicts.push(v);
     }

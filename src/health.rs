@@ -68,7 +68,12 @@ impl Health {
                 "extra_info": "",
             })
             .to_string();
-            let token = protocol::sign_token(&rt.signer, payload.as_bytes(), &rt.config.service_name, expire);
+            let token = protocol::sign_token(
+                &rt.signer,
+                payload.as_bytes(),
+                &rt.config.service_name,
+                expire,
+            );
             async move {
                 let deadline = Instant::now() + ds.timeout;
                 let v = fanout::call(ds, &token, &request_id, true, deadline).await;

@@ -49,6 +49,7 @@ pub struct Signer {
 }
 
 /// An RSA public key that verifies RS256 signatures, parsed once.
+#[derive(Clone)]
 pub struct Verifier {
     key: ParsedPublicKey,
 }
@@ -224,7 +225,10 @@ mod tests {
         assert!(verifier.verify(b"hello", &sig));
         assert!(!verifier.verify(b"hellp", &sig));
         let mode = fs::metadata(&files.private).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(fs::read_to_string(&files.private)
             .unwrap()
             .starts_with("-----BEGIN PRIVATE KEY-----"));
@@ -243,11 +247,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = generate(dir.path(), "t").unwrap();
         let err = Verifier::load(&files.private).unwrap_err().to_string();
-        assert!(err.contains("t-pri.pem") && err.contains("PRIVATE KEY"), "{err}");
+        assert!(
+            err.contains("t-pri.pem") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
         let err = Signer::load(&files.public).unwrap_err().to_string();
         assert!(err.contains("t-pub.key"), "{err}");
         let missing = dir.path().join("nope.pem");
         let err = Signer::load(&missing).unwrap_err().to_string();
-        assert!(err.contains("nope.pem") && err.contains("cannot read"), "{err}");
+        assert!(
+            err.contains("nope.pem") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 }

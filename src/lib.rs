@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod reload;
 pub mod rules;
 pub mod runtime;
+pub mod sample_server;
 pub mod serve;
 pub mod server;
 

@@ -51,28 +51,42 @@ impl Metrics {
                 m
             }};
         }
-        let histogram = |name: &str, help: &str| {
-            HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
-        };
+        let histogram =
+            |name: &str, help: &str| HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
         let m = Metrics {
             requests: register!(IntCounterVec::new(
-                Opts::new("tss_gateway_requests_total", "Callback requests answered, by task type and outcome."),
+                Opts::new(
+                    "tss_gateway_requests_total",
+                    "Callback requests answered, by task type and outcome."
+                ),
                 &["type", "outcome"]
             )),
             request_duration: register!(HistogramVec::new(
-                histogram("tss_gateway_request_duration_seconds", "Time from receiving a callback to answering it."),
+                histogram(
+                    "tss_gateway_request_duration_seconds",
+                    "Time from receiving a callback to answering it."
+                ),
                 &["type"]
             )),
             downstream_requests: register!(IntCounterVec::new(
-                Opts::new("tss_gateway_downstream_requests_total", "Calls to downstream callback servers, by server and outcome."),
+                Opts::new(
+                    "tss_gateway_downstream_requests_total",
+                    "Calls to downstream callback servers, by server and outcome."
+                ),
                 &["server", "outcome"]
             )),
             downstream_duration: register!(HistogramVec::new(
-                histogram("tss_gateway_downstream_duration_seconds", "Time a downstream callback server took to answer, retries included."),
+                histogram(
+                    "tss_gateway_downstream_duration_seconds",
+                    "Time a downstream callback server took to answer, retries included."
+                ),
                 &["server"]
             )),
             downstream_up: register!(IntGaugeVec::new(
-                Opts::new("tss_gateway_downstream_up", "1 if the last health check of the server succeeded."),
+                Opts::new(
+                    "tss_gateway_downstream_up",
+                    "1 if the last health check of the server succeeded."
+                ),
                 &["server"]
             )),
             in_flight: register!(IntGauge::new(
@@ -80,11 +94,17 @@ impl Metrics {
                 "Callback requests being decided right now."
             )),
             embedded_rejections: register!(IntCounterVec::new(
-                Opts::new("tss_gateway_embedded_rejections_total", "Requests rejected by the embedded risk control rules."),
+                Opts::new(
+                    "tss_gateway_embedded_rejections_total",
+                    "Requests rejected by the embedded risk control rules."
+                ),
                 &["type"]
             )),
             config_reloads: register!(IntCounterVec::new(
-                Opts::new("tss_gateway_config_reloads_total", "Configuration reload attempts by result."),
+                Opts::new(
+                    "tss_gateway_config_reloads_total",
+                    "Configuration reload attempts by result."
+                ),
                 &["result"]
             )),
             config_last_reload_success: register!(Gauge::new(
@@ -92,11 +112,17 @@ impl Metrics {
                 "Unix time of the last successful configuration load."
             )),
             callback_servers: register!(IntGaugeVec::new(
-                Opts::new("tss_gateway_callback_servers", "Configured downstream callback servers by mode."),
+                Opts::new(
+                    "tss_gateway_callback_servers",
+                    "Configured downstream callback servers by mode."
+                ),
                 &["mode"]
             )),
             build_info: register!(IntGaugeVec::new(
-                Opts::new("tss_gateway_build_info", "Always 1; the version label says which build runs."),
+                Opts::new(
+                    "tss_gateway_build_info",
+                    "Always 1; the version label says which build runs."
+                ),
                 &["version"]
             )),
             registry,

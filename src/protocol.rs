@@ -319,9 +319,12 @@ pub fn sign_token(signer: &Signer, package: &[u8], iss: &str, expire_secs: i64) 
 pub fn verify_token(token: &str, verifier: &Verifier, now: i64) -> Result<Claims, TokenError> {
     let token = token.trim();
     let mut parts = token.splitn(4, '.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed("expected three dot-separated parts".into()));
+        return Err(TokenError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
     };
     let header = B64URL
         .decode(h)
@@ -343,7 +346,8 @@ pub fn verify_token(token: &str, verifier: &Verifier, now: i64) -> Result<Claims
         .map_err(|e| TokenError::Claims(format!("not base64url: {e}")))?;
     let claims: RawClaims =
         serde_json::from_slice(&claims).map_err(|e| TokenError::Claims(e.to_string()))?;
-    let exp = number_secs(&claims.exp).ok_or_else(|| TokenError::Claims("exp is not a number".into()))?;
+    let exp =
+        number_secs(&claims.exp).ok_or_else(|| TokenError::Claims("exp is not a number".into()))?;
     if exp <= now {
         return Err(TokenError::Expired { exp, now });
     }
@@ -424,7 +428,10 @@ mod tests {
 
     #[test]
     fn request_parsing() {
-        let ok = CallbackRequest::parse(br#"{"request_id":"r","request_type":2,"request_detail":"{}","extra_info":"{}"}"#).unwrap();
+        let ok = CallbackRequest::parse(
+            br#"{"request_id":"r","request_type":2,"request_detail":"{}","extra_info":"{}"}"#,
+        )
+        .unwrap();
         assert_eq!((ok.request_id.as_str(), ok.request_type), ("r", 2));
         for bad in [
             &br#"{"request_type":2}"#[..],
@@ -433,9 +440,16 @@ mod tests {
             br#"{"request_id":"r","request_type":"2"}"#,
             b"not json",
         ] {
-            assert!(CallbackRequest::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                CallbackRequest::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
-        let long = format!(r#"{{"request_id":"{}","request_type":0}}"#, "x".repeat(2000));
+        let long = format!(
+            r#"{{"request_id":"{}","request_type":0}}"#,
+            "x".repeat(2000)
+        );
         assert_eq!(
             CallbackRequest::parse(long.as_bytes()).unwrap_err(),
             PayloadError::RequestIdTooLong

@@ -25,7 +25,7 @@ pub struct RuleSet {
 
 /// One task type's rule: reject everything, or only what matches an allow-list entry.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, bound(deserialize = "E: Deserialize<'de>"))]
 pub struct Section<E> {
     #[serde(default)]
     pub reject_all: bool,
@@ -89,9 +89,14 @@ impl RuleSet {
         };
         let result = match kind {
             RequestType::Ping => Ok(()),
-            RequestType::KeyGen => check_section(kind, self.key_gen.as_ref(), detail, |e, d: &KeyGenDetail| {
-                e.threshold == d.threshold && same_set(&e.node_ids, &d.node_ids)
-            }),
+            RequestType::KeyGen => check_section(
+                kind,
+                self.key_gen.as_ref(),
+                detail,
+                |e, d: &KeyGenDetail| {
+                    e.threshold == d.threshold && same_set(&e.node_ids, &d.node_ids)
+                },
+            ),
             RequestType::KeySign => check_section(kind, self.key_sign.as_ref(), detail, never),
             RequestType::KeyReshare => check_section(
                 kind,
@@ -170,15 +175,47 @@ key_share_sign: { reject_all: true }
         let reject = |s: &str| RuleVerdict::Reject(s.to_owned());
         let cases: &[(i64, &str, RuleVerdict)] = &[
             (0, "", pass.clone()),
-            (1, r#"{"threshold":2,"node_ids":["C","A","B"]}"#, pass.clone()),
-            (1, r#"{"threshold":2,"node_ids":["A","B","C"],"curve":0}"#, pass.clone()),
-            (1, r#"{"threshold":3,"node_ids":["A","B","C"]}"#, reject("key_gen not in allow_list")),
-            (1, r#"{"threshold":2,"node_ids":["A","B","D"]}"#, reject("key_gen not in allow_list")),
-            (1, r#"{"threshold":2,"node_ids":["A","B"]}"#, reject("key_gen not in allow_list")),
+            (
+                1,
+                r#"{"threshold":2,"node_ids":["C","A","B"]}"#,
+                pass.clone(),
+            ),
+            (
+                1,
+                r#"{"threshold":2,"node_ids":["A","B","C"],"curve":0}"#,
+                pass.clone(),
+            ),
+            (
+                1,
+                r#"{"threshold":3,"node_ids":["A","B","C"]}"#,
+                reject("key_gen not in allow_list"),
+            ),
+            (
+                1,
+                r#"{"threshold":2,"node_ids":["A","B","D"]}"#,
+                reject("key_gen not in allow_list"),
+            ),
+            (
+                1,
+                r#"{"threshold":2,"node_ids":["A","B"]}"#,
+                reject("key_gen not in allow_list"),
+            ),
             (2, "anything", pass.clone()),
-            (3, r#"{"root_pub_key":"XPUB","new_threshold":2,"new_node_ids":["B","C","A"]}"#, pass.clone()),
-            (3, r#"{"root_pub_key":"OTHER","new_threshold":2,"new_node_ids":["A","B","C"]}"#, reject("key_reshare not in allow_list")),
-            (3, r#"{"root_pub_key":"XPUB","new_threshold":1,"new_node_ids":["A","B","C"]}"#, reject("key_reshare not in allow_list")),
+            (
+                3,
+                r#"{"root_pub_key":"XPUB","new_threshold":2,"new_node_ids":["B","C","A"]}"#,
+                pass.clone(),
+            ),
+            (
+                3,
+                r#"{"root_pub_key":"OTHER","new_threshold":2,"new_node_ids":["A","B","C"]}"#,
+                reject("key_reshare not in allow_list"),
+            ),
+            (
+                3,
+                r#"{"root_pub_key":"XPUB","new_threshold":1,"new_node_ids":["A","B","C"]}"#,
+                reject("key_reshare not in allow_list"),
+            ),
             (5, "{}", reject("key_share_sign reject_all")),
             (4, "{}", reject("unknown request_type 4")),
             (-1, "{}", reject("unknown request_type -1")),
@@ -186,7 +223,9 @@ key_share_sign: { reject_all: true }
         for (code, detail, want) in cases {
             assert_eq!(&r.check(*code, detail), want, "type {code} detail {detail}");
         }
-        assert!(matches!(r.check(1, "not json"), RuleVerdict::Reject(s) if s.contains("unreadable")));
+        assert!(
+            matches!(r.check(1, "not json"), RuleVerdict::Reject(s) if s.contains("unreadable"))
+        );
     }
 
     #[test]
@@ -196,7 +235,10 @@ key_share_sign: { reject_all: true }
         assert_eq!(off.check(4, ""), RuleVerdict::Off);
         let sparse = rules("{ enable: true, key_sign: { reject_all: true } }");
         assert_eq!(sparse.check(1, "garbage"), RuleVerdict::Pass);
-        assert_eq!(sparse.check(2, ""), RuleVerdict::Reject("key_sign reject_all".into()));
+        assert_eq!(
+            sparse.check(2, ""),
+            RuleVerdict::Reject("key_sign reject_all".into())
+        );
         let empty_list = rules("{ enable: true, key_gen: { allow_list: [] } }");
         assert_eq!(
             empty_list.check(1, r#"{"threshold":2,"node_ids":["A"]}"#),

@@ -42,7 +42,11 @@ impl Runtime {
         Runtime::from_config(path, config, generation)
     }
 
-    pub fn from_config(path: &Path, config: Config, generation: u64) -> Result<Runtime, ConfigError> {
+    pub fn from_config(
+        path: &Path,
+        config: Config,
+        generation: u64,
+    ) -> Result<Runtime, ConfigError> {
         let key_err = |field: String| {
             let path = path.to_owned();
             move |source| ConfigError::Key {

@@ -26,7 +26,6 @@ struct Answer {
     decision: Decision,
     embedded: String,
     verdicts: Vec<Verdict>,
-    http: StatusCode,
 }
 
 /// Decrements the in-flight gauge however the request ends (including a dropped connection).
@@ -57,9 +56,19 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     let rt = shared.runtime.load_full();
     let deadline = started + Duration::from_millis(rt.config.deadline_ms);
 
-    let mut answer = match read_body(&headers, body, rt.config.max_body_bytes).await {
-        Ok(bytes) => decide_request(&shared, &rt, &bytes, deadline).await,
-        Err(answer) => answer,
+    let read = tokio::time::timeout_at(
+        deadline,
+        read_body(&headers, body, rt.config.max_body_bytes),
+    );
+    let mut answer = match read.await {
+        Ok(Ok(bytes)) => decide_request(&shared, &rt, &bytes, deadline).await,
+        Ok(Err(answer)) => answer,
+        Err(_) => invalid(
+            Status::InvalidRequest,
+            String::new(),
+            None,
+            "request body not received within deadline_ms".into(),
+        ),
     };
     let elapsed = started.elapsed();
     let kind = protocol::type_name(answer.code);
@@ -108,7 +117,7 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     let token = sign_for_node(&rt, &response);
     // The token is base64url and dots only, so quoting it makes a valid JSON string.
     (
-        answer.http,
+        StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         format!("\"{token}\""),
     )
@@ -132,7 +141,6 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         decision: Decision::reject(status, error),
         embedded: "not_evaluated".into(),
         verdicts: Vec::new(),
-        http: StatusCode::OK,
     }
 }
 
@@ -140,14 +148,12 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
 /// soon as the limit is crossed, without buffering the rest.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Answer> {
     let too_large = || {
-        let mut a = invalid(
+        invalid(
             Status::InvalidRequest,
             String::new(),
             None,
             format!("request body is larger than max_body_bytes ({limit})"),
-        );
-        a.http = StatusCode::PAYLOAD_TOO_LARGE;
-        a
+        )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -220,54 +226,69 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: In
         RuleVerdict::Pass => "pass".to_owned(),
         RuleVerdict::Reject(rule) => format!("reject: {rule}"),
     };
-    let mut verdicts = Vec::new();
-    if matches!(rules, RuleVerdict::Reject(_)) {
+    let (decision, verdicts) = if matches!(rules, RuleVerdict::Reject(_)) {
         shared
             .metrics
             .embedded_rejections
             .with_label_values(&[protocol::type_name(Some(code))])
             .inc();
+        (decide(&rules, &[]), Vec::new())
     } else {
-        let servers: Vec<_> = rt.subscribers(kind).collect();
-        if !servers.is_empty() {
-            // One signature for all downstreams: they all get the node's exact bytes.
-            let token: Arc<str> = protocol::sign_token(
-                &rt.signer,
-                &package,
-                &rt.config.service_name,
-                rt.config.token_expire_minutes as i64 * 60,
-            )
-            .into();
-            let (enforcing, shadows) = fanout::fan_out(
-                servers.into_iter(),
-                token,
-                request.request_id.as_str().into(),
-                kind == Some(RequestType::Ping),
-                deadline,
-                &shared.metrics,
-            )
-            .await;
-            verdicts = enforcing;
-            let decision = decide(&rules, &verdicts);
-            verdicts.extend(fanout::shadow_snapshot(&shadows));
-            return Answer {
-                request_id: request.request_id,
-                code: Some(code),
-                decision,
-                embedded,
-                verdicts,
-                http: StatusCode::OK,
-            };
-        }
-    }
+        ask_downstreams(
+            shared,
+            rt,
+            &rules,
+            kind,
+            &request.request_id,
+            &package,
+            deadline,
+        )
+        .await
+    };
     Answer {
-        decision: decide(&rules, &verdicts),
         request_id: request.request_id,
         code: Some(code),
+        decision,
         embedded,
         verdicts,
-        http: StatusCode::OK,
     }
+}
+
+/// Fans the node's exact bytes out to the subscribed servers and decides. Returns the decision
+/// and every verdict: enforcing ones first, then shadows as they stand when the answer goes out.
+async fn ask_downstreams(
+    shared: &Shared,
+    rt: &Runtime,
+    rules: &RuleVerdict,
+    kind: Option<RequestType>,
+    request_id: &str,
+    package: &[u8],
+    deadline: Instant,
+) -> (Decision, Vec<Verdict>) {
+    let mut servers = rt.subscribers(kind).peekable();
+    if servers.peek().is_none() {
+        return (decide(rules, &[]), Vec::new());
+    }
+    // One signature for all downstreams: they all get the node's exact bytes.
+    let token: Arc<str> = protocol::sign_token(
+        &rt.signer,
+        package,
+        &rt.config.service_name,
+        rt.config.token_expire_minutes as i64 * 60,
+    )
+    .into();
+    let (mut verdicts, shadows) = fanout::fan_out(
+        servers,
+        token,
+        request_id.into(),
+        kind == Some(RequestType::Ping),
+        deadline,
+        &shared.metrics,
+    )
+    .await;
+    let decision = decide(rules, &verdicts);
+    verdicts.extend(fanout::shadow_snapshot(&shadows));
+    (decision, verdicts)
 }
 
 /// Best-effort `request_id` and `request_type` from a payload that failed to parse, so the

@@ -1,0 +1,298 @@
+//! `demo`: the gateway doing its job on an embedded default, in one process on loopback.
+//!
+//! It makes keys in a temporary folder, starts three sample downstream callback servers
+//! (approve-all; a KeySign destination whitelist; one that answers after ~200 ms), starts the
+//! gateway with embedded rules on, plays a TSS Node sending every sample task type plus an
+//! embedded-rule rejection and a forged token, and prints what happened to each request.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::keys::{self, Signer, Verifier};
+use crate::metrics::Metrics;
+use crate::protocol::{self, CallbackResponse, RequestType};
+use crate::runtime::Runtime;
+use crate::sample_server::{self, Policy, SampleServer};
+use crate::Shared;
+
+/// The destination the whitelist server accepts; the KeySign sample pays elsewhere.
+const WHITELISTED: &str = "0x2222222222222222222222222222222222222222";
+const SERVERS: [&str; 3] = ["approve-all", "whitelist", "slow"];
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo setup: {0}")]
+    Setup(String),
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
+    move |e| DemoError::Setup(format!("{what}: {e}"))
+}
+
+/// One request the simulated TSS Node sends.
+struct Case {
+    label: &'static str,
+    payload: Vec<u8>,
+    /// Sign with a key the gateway does not know.
+    forged: bool,
+}
+
+/// Runs the demo and prints its table to stdout.
+pub async fn run() -> Result<(), DemoError> {
+    let dir = tempfile::tempdir().map_err(setup("temporary folder"))?;
+    let keys_dir = dir.path().join("keys");
+    for name in ["tss-node", "gateway", "intruder"]
+        .iter()
+        .chain(SERVERS.iter())
+    {
+        keys::generate(&keys_dir, name).map_err(setup("keygen"))?;
+    }
+    let key = |name: &str, kind: &str| keys_dir.join(format!("{name}-{kind}"));
+    let gateway_pub = Verifier::load(&key("gateway", "pub.key")).map_err(setup("gateway key"))?;
+
+    let mut addrs = Vec::new();
+    for (i, name) in SERVERS.iter().enumerate() {
+        let server = SampleServer {
+            name: (*name).to_owned(),
+            signer: Signer::load(&key(name, "pri.pem")).map_err(setup("server key"))?,
+            gateway: gateway_pub.clone(),
+            policy: if *name == "whitelist" {
+                Policy::Whitelist(vec![WHITELISTED.to_owned()])
+            } else {
+                Policy::ApproveAll
+            },
+            delay: Duration::from_millis(if *name == "slow" { 200 } else { 0 }),
+            raw_body: i == 1,
+        };
+        addrs.push(
+            sample_server::start(server)
+                .await
+                .map_err(setup("sample server"))?,
+        );
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(setup("listen"))?;
+    let gateway_addr = listener.local_addr().map_err(setup("listen"))?;
+    let config_path = dir.path().join("gateway.yaml");
+    let servers: String = SERVERS
+        .iter()
+        .zip(&addrs)
+        .map(|(name, addr)| {
+            format!(
+                "  - name: {name}\n    service_address: http://{addr}/v2/check\n    pubkey_path: keys/{name}-pub.key\n    timeout_ms: 2000\n"
+            )
+        })
+        .collect();
+    let config = format!(
+        "listen: {gateway_addr}\n\
+         service_name: tss-callback-gateway-demo\n\
+         tss_node_public_key: keys/tss-node-pub.key\n\
+         gateway_private_key: keys/gateway-pri.pem\n\
+         deadline_ms: 3000\n\
+         health_check_interval_ms: 0\n\
+         audit_log: audit/decisions.jsonl\n\
+         embedded_risk_control_rules:\n  \
+           enable: true\n  \
+           key_gen:\n    reject_all: false\n    allow_list:\n      - threshold: 2\n        node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
+           key_sign: {{ reject_all: false }}\n  \
+           key_reshare:\n    reject_all: false\n    allow_list:\n      - xpubkey: {xpub}\n        new_threshold: 2\n        new_node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
+           key_share_sign: {{ reject_all: false }}\n\
+         callback_servers:\n{servers}",
+        xpub = sample_field(RequestType::KeyReshare, "root_pub_key"),
+    );
+    std::fs::write(&config_path, config).map_err(setup("config"))?;
+    let rt = Runtime::load(&config_path, 1).map_err(setup("config"))?;
+    let audit_path = rt.config.audit_log.clone();
+    let shared = Shared::new(rt, Metrics::new()).map_err(setup("audit log"))?;
+    tokio::spawn(crate::serve::serve(
+        listener,
+        shared.clone(),
+        std::future::pending(),
+    ));
+
+    println!("tss-callback-gateway demo: gateway on {gateway_addr}, downstreams:");
+    for (name, addr) in SERVERS.iter().zip(&addrs) {
+        let role = match *name {
+            "approve-all" => "approves everything (JSON-string answers)",
+            "whitelist" => "approves KeySign only to whitelisted destinations (raw-token answers)",
+            _ => "approves everything after ~200 ms",
+        };
+        println!("  {name:<12} http://{addr}/v2/check  {role}");
+    }
+    println!("embedded rules: KeyGen and KeyReshare must match their allow lists\n");
+
+    let node = Signer::load(&key("tss-node", "pri.pem")).map_err(setup("node key"))?;
+    let intruder = Signer::load(&key("intruder", "pri.pem")).map_err(setup("intruder key"))?;
+    let url = reqwest::Url::parse(&format!("http://{gateway_addr}/v2/check"))
+        .map_err(setup("gateway url"))?;
+    let http = crate::client::http_client(Duration::from_secs(5));
+
+    let header = format!(
+        "{:<22} {:<26} {:<15} {:<15} {:<15} {:>8}  decision",
+        "type", "request_id", SERVERS[0], SERVERS[1], SERVERS[2], "total ms"
+    );
+    println!("{header}");
+    println!("{}", "-".repeat(header.len() + 30));
+    for case in cases() {
+        let signer = if case.forged { &intruder } else { &node };
+        let token = protocol::sign_token(signer, &case.payload, "tss-node-demo", 120);
+        let request_id = protocol::CallbackRequest::parse(&case.payload)
+            .map(|r| r.request_id)
+            .unwrap_or_default();
+        let started = Instant::now();
+        let answer = match crate::client::post_token(&http, &url, &token).await {
+            Ok(raw) => {
+                crate::client::read_answer(&raw, &gateway_pub, None).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let total = started.elapsed();
+        let verdicts = audit_path
+            .as_deref()
+            .map(|p| audit_verdicts(p, &request_id))
+            .unwrap_or_default();
+        let cell = |server: &str| {
+            verdicts
+                .iter()
+                .find(|(name, _)| name == server)
+                .map_or_else(|| "-".to_owned(), |(_, v)| v.clone())
+        };
+        println!(
+            "{:<22} {:<26} {:<15} {:<15} {:<15} {:>8}  {}",
+            case.label,
+            request_id,
+            cell(SERVERS[0]),
+            cell(SERVERS[1]),
+            cell(SERVERS[2]),
+            total.as_millis(),
+            describe(&answer)
+        );
+    }
+    if let Some(p) = &audit_path {
+        let lines = std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+        println!(
+            "\naudit log: {lines} lines appended (one per answer, written before it was sent)"
+        );
+    }
+    println!(
+        "metrics: {} series exposed at /metrics",
+        shared
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("tss_gateway_"))
+            .count()
+    );
+    Ok(())
+}
+
+fn describe(answer: &Result<CallbackResponse, String>) -> String {
+    match answer {
+        Ok(r) if r.is_approval() => "APPROVE".to_owned(),
+        Ok(r) => format!("REJECT status {}: {}", r.status, r.error),
+        Err(e) => format!("no verified answer: {e}"),
+    }
+}
+
+/// `field` of the sample's `request_detail`.
+fn sample_field(kind: RequestType, field: &str) -> String {
+    let req: serde_json::Value =
+        serde_json::from_str(crate::probe::sample(kind)).unwrap_or_default();
+    let detail: serde_json::Value =
+        serde_json::from_str(req["request_detail"].as_str().unwrap_or("{}")).unwrap_or_default();
+    detail[field].as_str().unwrap_or_default().to_owned()
+}
+
+/// The sample with `request_detail` or `extra_info` edited by `edit`, under a new `request_id`.
+fn variant(
+    kind: RequestType,
+    request_id: &str,
+    field: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Vec<u8> {
+    let mut req: serde_json::Value =
+        serde_json::from_str(crate::probe::sample(kind)).unwrap_or_default();
+    let mut inner: serde_json::Value =
+        serde_json::from_str(req[field].as_str().unwrap_or("{}")).unwrap_or_default();
+    edit(&mut inner);
+    req[field] = inner.to_string().into();
+    req["request_id"] = request_id.into();
+    serde_json::to_vec(&req).unwrap_or_default()
+}
+
+fn cases() -> Vec<Case> {
+    let sample = |kind| crate::probe::sample(kind).as_bytes().to_vec();
+    let case = |label, payload| Case {
+        label,
+        payload,
+        forged: false,
+    };
+    vec![
+        case("ping", sample(RequestType::Ping)),
+        case("key_gen", sample(RequestType::KeyGen)),
+        case("key_sign", sample(RequestType::KeySign)),
+        case(
+            "key_sign (whitelisted)",
+            variant(
+                RequestType::KeySign,
+                "demo-key_sign-ok",
+                "extra_info",
+                |e| {
+                    e["transaction"]["destination"]["account_output"]["address"] =
+                        WHITELISTED.into();
+                },
+            ),
+        ),
+        case("key_reshare", sample(RequestType::KeyReshare)),
+        case("key_share_sign", sample(RequestType::KeyShareSign)),
+        case(
+            "key_gen (threshold 1)",
+            variant(
+                RequestType::KeyGen,
+                "demo-key_gen-t1",
+                "request_detail",
+                |d| {
+                    d["threshold"] = 1.into();
+                },
+            ),
+        ),
+        Case {
+            label: "key_sign (forged)",
+            payload: crate::probe::sample_with_id(RequestType::KeySign, "demo-forged"),
+            forged: true,
+        },
+    ]
+}
+
+/// Each server's `outcome ms` for `request_id`, from the audit log.
+fn audit_verdicts(path: &Path, request_id: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(record) = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["request_id"] == request_id)
+        .last()
+    else {
+        return Vec::new();
+    };
+    record["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or_default().to_owned();
+            let outcome = s["outcome"].as_str().unwrap_or_default();
+            let cell = match outcome {
+                "cancelled" | "pending" => outcome.to_owned(),
+                _ => format!("{outcome} {}ms", s["duration_ms"]),
+            };
+            (name, cell)
+        })
+        .collect()
+}

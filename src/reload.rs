@@ -1,0 +1,180 @@
+//! Hot reload: on SIGHUP, or when the config file or a key file it names changes on disk, load a
+//! new generation and swap it in atomically.
+//!
+//! Guarantees: a request keeps the generation it started with; a new config that fails to load
+//! changes nothing (the running one stays, the failure is logged and counted); a changed `listen`
+//! is reported as needing a restart, because the socket is bound once.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, ConfigError};
+use crate::runtime::Runtime;
+use crate::Shared;
+
+/// File events closer together than this are one change (editors write in several steps).
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Loads the config at `path` as the next generation and swaps it in. On error the running
+/// generation is untouched.
+pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadError> {
+    let result = try_reload(shared, path);
+    match &result {
+        Ok(generation) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["success"])
+                .inc();
+            tracing::info!(generation, reason, "config reloaded");
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["failure"])
+                .inc();
+            tracing::error!(reason, error = %e, "config reload refused; keeping the running config");
+        }
+    }
+    result
+}
+
+fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
+    let old = shared.runtime.load_full();
+    let rt = Runtime::load(path, old.generation + 1)?;
+    let audit = match &rt.config.audit_log {
+        Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
+        Some(p) => Some(Arc::new(AuditLog::open(p).map_err(|source| {
+            ReloadError::Audit {
+                path: p.clone(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    if rt.config.listen != old.config.listen {
+        tracing::warn!(
+            running = %old.config.listen,
+            configured = %rt.config.listen,
+            "listen changed: restart the gateway to move the listener; it keeps the old address until then"
+        );
+    }
+    let removed: Vec<Arc<str>> = old
+        .downstreams
+        .iter()
+        .filter(|d| !rt.downstreams.iter().any(|n| n.name == d.name))
+        .map(|d| d.name.clone())
+        .collect();
+    let generation = rt.generation;
+    shared.runtime.store(Arc::new(rt));
+    shared.audit.store(audit);
+    shared.health.prune_gauges(shared, &removed);
+    shared.set_config_gauges();
+    Ok(generation)
+}
+
+/// The files a config depends on: itself and every key it names.
+fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::from([path.to_owned()]);
+    if let Ok(c) = Config::load(path) {
+        files.insert(c.tss_node_public_key);
+        files.insert(c.gateway_private_key);
+        files.extend(c.callback_servers.into_iter().map(|s| s.pubkey_path));
+    }
+    files
+}
+
+/// The content of every watched file, to tell a real change from a touch or an unrelated event.
+fn fingerprint(files: &BTreeSet<PathBuf>) -> Vec<Option<Vec<u8>>> {
+    files.iter().map(|f| std::fs::read(f).ok()).collect()
+}
+
+/// Reloads on SIGHUP and on changes to the config or its key files, until the process ends.
+///
+/// Directories are watched rather than files so that editors that replace a file, and
+/// Kubernetes ConfigMap updates (a symlink swap of `..data`), are seen.
+pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watcher_tx = tx.clone();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = watcher_tx.send(());
+            }
+        }) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP");
+                None
+            }
+        };
+    let mut files = watched_files(&path);
+    let mut dirs = BTreeSet::new();
+    let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>,
+                      files: &BTreeSet<PathBuf>,
+                      dirs: &mut BTreeSet<PathBuf>| {
+        let Some(w) = watcher else { return };
+        let wanted: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_owned))
+            .collect();
+        for d in dirs.difference(&wanted) {
+            let _ = w.unwatch(d);
+        }
+        for d in wanted.difference(dirs) {
+            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+            }
+        }
+        *dirs = wanted;
+    };
+    watch_dirs(&mut watcher, &files, &mut dirs);
+    let mut seen = fingerprint(&files);
+
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
+    loop {
+        let forced = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            Some(()) = rx.recv() => false,
+        };
+        // Let a burst of writes settle, then drain the events it caused.
+        tokio::time::sleep(SETTLE).await;
+        while rx.try_recv().is_ok() {}
+        let current = fingerprint(&files);
+        if !forced && current == seen {
+            continue;
+        }
+        let reason = if forced { "SIGHUP" } else { "file change" };
+        let _ = reload(&shared, &path, reason);
+        // Follow the files the new config names, whether or not it loaded, so fixing a key file
+        // named by a refused config also triggers a reload.
+        files = watched_files(&path);
+        watch_dirs(&mut watcher, &files, &mut dirs);
+        seen = fingerprint(&files);
+    }
+}

@@ -1,0 +1,134 @@
+//! A small downstream callback server in the style of Cobo's templates, for `demo` and the
+//! benchmark: it verifies the gateway's token, applies a fixed policy after an optional delay and
+//! answers a signed CallbackResponse.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::keys::{Signer, Verifier};
+use crate::protocol::{self, Action, CallbackRequest, CallbackResponse, RequestType, Status};
+
+/// How a sample server decides.
+#[derive(Debug, Clone)]
+pub enum Policy {
+    ApproveAll,
+    /// KeySign only when every destination address in `extra_info.transaction.destination` is
+    /// listed; every other type is approved.
+    Whitelist(Vec<String>),
+}
+
+/// One sample server's behaviour.
+#[derive(Debug)]
+pub struct SampleServer {
+    pub name: String,
+    pub signer: Signer,
+    /// The gateway's public key: the sample server sees the gateway as its TSS Node.
+    pub gateway: Verifier,
+    pub policy: Policy,
+    pub delay: Duration,
+    /// Answer the bare token (Python template) instead of a JSON string (Go template).
+    pub raw_body: bool,
+}
+
+/// Serves `server` on a fresh loopback port until the runtime ends; returns the address.
+pub async fn start(server: SampleServer) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/v2/check", post(check))
+        .with_state(Arc::new(server));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "sample server stopped");
+        }
+    });
+    Ok(addr)
+}
+
+async fn check(State(s): State<Arc<SampleServer>>, body: Bytes) -> Response {
+    let (http, response) = match decide(&s, &body) {
+        Ok(response) => {
+            tokio::time::sleep(s.delay).await;
+            (StatusCode::OK, response)
+        }
+        // Like Cobo's reference servers: their own check failed, HTTP 400 with a signed body.
+        Err(response) => (StatusCode::BAD_REQUEST, response),
+    };
+    let json = serde_json::to_vec(&response).unwrap_or_default();
+    let token = protocol::sign_token(&s.signer, &json, &s.name, 120);
+    if s.raw_body {
+        (http, token).into_response()
+    } else {
+        (
+            http,
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("\"{token}\""),
+        )
+            .into_response()
+    }
+}
+
+fn decide(s: &SampleServer, body: &[u8]) -> Result<CallbackResponse, CallbackResponse> {
+    let fail = |status, error: String| CallbackResponse::new("", status, Action::Reject, error);
+    let token = form_urlencoded::parse(body)
+        .find(|(k, _)| k == protocol::FORM_FIELD)
+        .map(|(_, v)| v)
+        .ok_or_else(|| fail(Status::InvalidToken, "TSS_JWT_MSG missing".into()))?;
+    let claims = protocol::verify_token(&token, &s.gateway, protocol::now_secs())
+        .map_err(|e| fail(Status::InvalidToken, e.to_string()))?;
+    let package = protocol::decode_package(&claims.package_data)
+        .map_err(|e| fail(Status::InvalidRequest, e.to_string()))?;
+    let req = CallbackRequest::parse(&package)
+        .map_err(|e| fail(Status::InvalidRequest, e.to_string()))?;
+    let verdict = match &s.policy {
+        Policy::ApproveAll => Ok(()),
+        Policy::Whitelist(allowed) if req.request_type == RequestType::KeySign.code() => {
+            check_destinations(req.extra_info.as_deref().unwrap_or(""), allowed)
+        }
+        Policy::Whitelist(_) => Ok(()),
+    };
+    Ok(match verdict {
+        Ok(()) => {
+            CallbackResponse::new(&req.request_id, Status::Ok, Action::Approve, String::new())
+        }
+        Err(why) => CallbackResponse::new(&req.request_id, Status::Ok, Action::Reject, why),
+    })
+}
+
+fn check_destinations(extra_info: &str, allowed: &[String]) -> Result<(), String> {
+    let extra: serde_json::Value =
+        serde_json::from_str(extra_info).map_err(|_| "extra_info is not JSON".to_owned())?;
+    let mut addresses = Vec::new();
+    collect_addresses(&extra["transaction"]["destination"], &mut addresses);
+    if addresses.is_empty() {
+        return Err("no destination address to check".into());
+    }
+    match addresses.iter().find(|a| !allowed.contains(a)) {
+        Some(a) => Err(format!("destination {a} is not whitelisted")),
+        None => Ok(()),
+    }
+}
+
+fn collect_addresses(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) if k == "address" => out.push(s.clone()),
+                    _ => collect_addresses(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_addresses(v, out)),
+        _ => {}
+    }
+}
