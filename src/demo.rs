@@ -275,9 +275,9 @@ fn audit_verdicts(path: &Path, request_id: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let Some(record) = text
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|r| r["request_id"] == request_id)
-        .last()
+        .find(|r| r["request_id"] == request_id)
     else {
         return Vec::new();
     };

@@ -407,12 +407,11 @@ mod tests {
         ));
 
         // Same claims and signature under a header that names another algorithm.
-        let mut parts: Vec<&str> = token.split('.').collect();
+        let (_, claims_and_sig) = token.split_once('.').unwrap();
         for alg in ["none", "HS256", "RS512", "PS256", "rs256"] {
             let h = B64URL.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
-            parts[0] = &h;
             assert_eq!(
-                verify_token(&parts.join("."), &verifier, now_secs()).unwrap_err(),
+                verify_token(&format!("{h}.{claims_and_sig}"), &verifier, now_secs()).unwrap_err(),
                 TokenError::Algorithm(alg.into())
             );
         }
