@@ -248,12 +248,27 @@ pub fn type_name(code: Option<i64>) -> &'static str {
 impl CallbackRequest {
     /// Parses the node's payload bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, PayloadError> {
-        let req: CallbackRequest =
-            serde_json::from_slice(bytes).map_err(|e| PayloadError::Json(e.to_string()))?;
+        let req: CallbackRequest = serde_json::from_slice(bytes).map_err(|e| {
+            PayloadError::Json(field_problem(bytes).unwrap_or_else(|| e.to_string()))
+        })?;
         if req.request_id.len() > MAX_REQUEST_ID_BYTES {
             return Err(PayloadError::RequestIdTooLong);
         }
         Ok(req)
+    }
+}
+
+/// Names the required field that is missing or of the wrong type, for a clearer status-10 error
+/// than serde's position-based message.
+fn field_problem(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let obj = v.as_object()?;
+    match (obj.get("request_id"), obj.get("request_type")) {
+        (None, _) => Some("request_id is missing".into()),
+        (Some(id), _) if !id.is_string() => Some("request_id is not a string".into()),
+        (_, None) => Some("request_type is missing".into()),
+        (_, Some(t)) if !t.is_i64() => Some("request_type is not an integer".into()),
+        _ => None,
     }
 }
 
