@@ -1,0 +1,358 @@
+//! The command line (CONTRACT.md section 3), run as the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tss-callback-gateway");
+
+fn gateway(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `run -c config` and waits until `/healthz` answers.
+fn spawn_run(config: &Path, port: u16) -> Child {
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn keygen_writes_a_pkcs8_private_key_readable_only_by_its_owner_and_an_spki_public_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(&[
+        "keygen",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "risk-engine",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let private = dir.path().join("risk-engine-pri.pem");
+    let public = dir.path().join("risk-engine-pub.key");
+    assert_eq!(
+        std::fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let pem = std::fs::read_to_string(&private).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+    assert!(std::fs::read_to_string(&public)
+        .unwrap()
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+    // openssl agrees it is a 2048-bit RSA key.
+    let o = Command::new("openssl")
+        .args(["rsa", "-in", private.to_str().unwrap(), "-noout", "-text"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2048 bit"));
+    // The pair works with independent crypto.
+    let t = token(
+        &jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+        b"{}",
+        "x",
+    );
+    let dec = jsonwebtoken::DecodingKey::from_rsa_pem(&std::fs::read(&public).unwrap()).unwrap();
+    assert_eq!(open(&t, &dec).unwrap(), b"{}");
+    // An existing key is never overwritten.
+    let again = gateway(&[
+        "keygen",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "risk-engine",
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&private).unwrap(), pem);
+}
+
+#[test]
+fn check_config_prints_a_summary_or_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys();
+    let good = format!(
+        "tss_node_public_key: {}\ngateway_private_key: {}\ncallback_servers:\n  - name: risk-engine\n    service_address: http://127.0.0.1:11021/v2/check\n    pubkey_path: {}\n",
+        k.node.spki.display(),
+        k.gateway.pkcs8.display(),
+        k.servers[0].spki.display()
+    );
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, &good).unwrap();
+    let out = gateway(&["check-config", "-c", path.to_str().unwrap()]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(
+        stdout.contains("risk-engine") && stdout.contains("127.0.0.1:11020"),
+        "{stdout}"
+    );
+
+    std::fs::write(dir.path().join("not-a-key.pem"), "hello").unwrap();
+    let bad: Vec<(String, &str)> = vec![
+        (format!("{good}surprise: 1\n"), "surprise"),
+        (good.replace("risk-engine", "Risk Engine"), "callback_servers[0].name"),
+        (format!("{good}  - name: risk-engine\n    service_address: http://127.0.0.1:1/\n    pubkey_path: {}\n", k.servers[1].spki.display()), "risk-engine"),
+        (good.replace(&k.servers[0].spki.display().to_string(), "missing.key"), "callback_servers[0].pubkey_path"),
+        (good.replace(&k.servers[0].spki.display().to_string(), "not-a-key.pem"), "callback_servers[0].pubkey_path"),
+        (good.replace(&k.gateway.pkcs8.display().to_string(), &k.gateway.spki.display().to_string()), "gateway_private_key"),
+        (format!("{good}    timeout_ms: 9000\n"), "timeout_ms"),
+        (good.split("callback_servers").next().unwrap().to_owned(), "nothing would be checked"),
+        ("listen: [".into(), "gateway.yaml"),
+    ];
+    for (yaml, field) in bad {
+        std::fs::write(&path, &yaml).unwrap();
+        let out = gateway(&["check-config", "-c", path.to_str().unwrap()]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{yaml}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(field), "{field:?} not in {stderr:?}");
+    }
+    let out = gateway(&["check-config", "-c", "/nonexistent/gateway.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("/nonexistent/gateway.yaml"));
+}
+
+#[test]
+fn demo_shows_approvals_and_rejections_and_exits_0() {
+    let out = gateway(&["demo"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for t in [
+        "ping",
+        "key_gen",
+        "key_sign",
+        "key_reshare",
+        "key_share_sign",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(t)),
+            "{t} missing:\n{stdout}"
+        );
+    }
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        line("key_sign ").contains("REJECT status 0: whitelist:"),
+        "{stdout}"
+    );
+    assert!(
+        line("key_sign (whitelisted)").ends_with("APPROVE"),
+        "{stdout}"
+    );
+    assert!(
+        line("key_gen (threshold 1)").contains("embedded risk control"),
+        "{stdout}"
+    );
+    assert!(line("key_reshare").contains("approved") && line("key_reshare").contains("APPROVE"));
+    assert!(line("key_sign (forged)").contains("status 20"));
+}
+
+/// `run`, `probe` against it (exit 0 approved, 1 not approved, 2 error), then SIGTERM: the
+/// request in flight finishes, the audit log holds every answer, and the exit code is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_probe_and_graceful_shutdown() {
+    let k = keys();
+    let approve = Downstream::start(
+        "approver",
+        &k.servers[0],
+        always(Answer::approve().after(800)),
+        0,
+    )
+    .await;
+    let picky = Downstream::start(
+        "picky",
+        &k.servers[1],
+        std::sync::Arc::new(|s: &Seen| {
+            if s.request_type == 2 {
+                Answer::reject("not today")
+            } else {
+                Answer::approve()
+            }
+        }),
+        0,
+    )
+    .await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = config_yaml(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &[entry(&approve, ""), entry(&picky, "")],
+        "audit_log: audit/decisions.jsonl",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = spawn_run(&config, port);
+    let url = format!("http://127.0.0.1:{port}/v2/check");
+    let probe = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+            .await
+            .unwrap()
+    };
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "probe".into(),
+            "--url".into(),
+            url.clone(),
+            "--key".into(),
+            k.node.pkcs8.display().to_string(),
+            "--server-pub".into(),
+            k.gateway.spki.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let out = probe(base(&["--type", "key_gen"])).await;
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (answer["status"].as_i64(), answer["action"].as_str()),
+        (Some(0), Some("APPROVE"))
+    );
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/samples/key_sign.json");
+    let out = probe(base(&["--fixture", fixture.to_str().unwrap()])).await;
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(text(&out).0.contains("picky: not today"));
+    // Wrong server key: the answer cannot be verified, an error.
+    let mut wrong = base(&["--type", "ping"]);
+    wrong[6] = k.intruder.spki.display().to_string();
+    assert_eq!(probe(wrong).await.status.code(), Some(2));
+
+    // SIGTERM while a request is in flight: it is answered, then the process exits 0.
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { send(&url, &request("key_gen", "in-flight")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "TERM");
+    let reply = in_flight.await.unwrap();
+    reply.expect(0, "APPROVE", &[]);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still listening"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit/decisions.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{audit}");
+    assert_eq!(lines[3]["request_id"], "in-flight");
+    for l in &lines {
+        for field in [
+            "ts",
+            "request_id",
+            "type",
+            "status",
+            "action",
+            "error",
+            "duration_ms",
+            "embedded",
+            "servers",
+            "config_generation",
+        ] {
+            assert!(l.get(field).is_some(), "{field} missing in {l}");
+        }
+    }
+    assert!(!audit.contains("eyJ"), "a token leaked into the audit log");
+}
+
+/// The log has one line per decision, and never a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_one_json_line_per_decision_without_tokens() {
+    let k = keys();
+    let ds = Downstream::start("approver", &k.servers[0], always(Answer::approve()), 0).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        config_yaml(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &[entry(&ds, "")],
+            "",
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, port);
+    let url = format!("http://127.0.0.1:{port}/v2/check");
+    send(&url, &request("key_sign", "logged-1"))
+        .await
+        .expect(0, "APPROVE", &[]);
+    post_token(&url, "eyJhbGciOiJub25lIn0.eyJ4IjoxfQ.")
+        .await
+        .expect(20, "REJECT", &[]);
+    signal(&child, "TERM");
+    let stderr = child.stderr.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stderr).lines().map(|l| l.unwrap()).collect();
+    child.wait().unwrap();
+    let decisions: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 2, "{lines:#?}");
+    assert_eq!(decisions[0]["request_id"], "logged-1");
+    assert_eq!(decisions[0]["decision"], "APPROVE");
+    assert!(decisions[0]["servers"]
+        .as_str()
+        .unwrap()
+        .contains("approver=approved"));
+    assert!(
+        lines.iter().all(|l| !l.contains("eyJ")),
+        "a token was logged: {lines:#?}"
+    );
+}
