@@ -36,6 +36,9 @@ pub struct AuditRecord<'a> {
     pub embedded: String,
     pub servers: &'a [Verdict],
     pub config_generation: u64,
+    /// Present (true) only for a TSS Node retry answered from its twin's evaluation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 // === impl AuditLog ===

@@ -37,16 +37,21 @@ pub struct RawAnswer {
 /// Builds the HTTP client used for callbacks: no proxies (a proxy would see every token), Nagle
 /// off, pooled keep-alive connections.
 pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
+    builder(connect_timeout)
+        .build()
+        // Building a client without custom TLS roots or proxies only fails if the TLS backend
+        // cannot initialise, which would make the process useless anyway.
+        .expect("the HTTP client backend initialises")
+}
+
+/// The settings every callback client shares; TLS options are added by [`crate::tls`].
+pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
-        .build()
-        // Building a client without custom TLS roots or proxies only fails if the TLS backend
-        // cannot initialise, which would make the process useless anyway.
-        .expect("the HTTP client backend initialises")
 }
 
 /// Posts `token` as the `TSS_JWT_MSG` form field and reads at most [`MAX_ANSWER_BYTES`] of the

@@ -59,6 +59,9 @@ pub struct Config {
     pub embedded_risk_control_rules: RuleSet,
     #[serde(default)]
     pub callback_servers: Vec<ServerConfig>,
+    /// Serve the TSS Node over HTTPS with this certificate chain and key.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
 }
 
 /// One downstream callback server.
@@ -76,6 +79,23 @@ pub struct ServerConfig {
     pub request_types: Vec<TypeName>,
     #[serde(default)]
     pub mode: Mode,
+    /// PEM CA bundle that replaces the system roots for this `https` server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// `tls:` — the listener's certificate chain and private key (PEM).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Whether a server's answer counts.
@@ -194,6 +214,16 @@ impl Config {
         }
         for s in &mut self.callback_servers {
             resolve(&mut s.pubkey_path);
+            for p in [&mut s.ca_file, &mut s.client_cert, &mut s.client_key]
+                .into_iter()
+                .flatten()
+            {
+                resolve(p);
+            }
+        }
+        if let Some(t) = self.tls.as_mut() {
+            resolve(&mut t.cert);
+            resolve(&mut t.key);
         }
     }
 
@@ -246,6 +276,18 @@ impl Config {
                 ));
             }
             match reqwest::Url::parse(&s.service_address) {
+                Ok(u) if u.scheme() == "http" && s.ca_file.is_some() => {
+                    return Err(field(
+                        at("ca_file"),
+                        "only applies to an https service_address".into(),
+                    ))
+                }
+                Ok(u) if u.scheme() == "http" && s.client_cert.is_some() => {
+                    return Err(field(
+                        at("client_cert"),
+                        "only applies to an https service_address".into(),
+                    ))
+                }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 Ok(u) => {
                     return Err(field(
@@ -259,6 +301,15 @@ impl Config {
                         format!("{:?}: {e}", s.service_address),
                     ))
                 }
+            }
+            match (&s.client_cert, &s.client_key) {
+                (Some(_), None) => {
+                    return Err(field(at("client_key"), "required with client_cert".into()))
+                }
+                (None, Some(_)) => {
+                    return Err(field(at("client_cert"), "required with client_key".into()))
+                }
+                _ => {}
             }
             if s.timeout_ms == 0 {
                 return Err(field(at("timeout_ms"), "must be above 0".into()));

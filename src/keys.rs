@@ -51,7 +51,7 @@ pub struct Signer {
 /// An RSA public key that verifies RS256 signatures, parsed once.
 #[derive(Clone)]
 pub struct Verifier {
-    key: ParsedPublicKey,
+    keys: Vec<ParsedPublicKey>,
 }
 
 // === impl Signer ===
@@ -106,8 +106,10 @@ impl Signer {
         let der = self.key.public_key().as_ref().to_vec();
         Verifier {
             // The public half of a key pair that loaded is always a valid RSA public key.
-            key: ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
-                .expect("public half of a loaded RSA key pair"),
+            keys: vec![
+                ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+                    .expect("public half of a loaded RSA key pair"),
+            ],
         }
     }
 }
@@ -121,30 +123,49 @@ impl fmt::Debug for Signer {
 // === impl Verifier ===
 
 impl Verifier {
-    /// Loads a public key from an SPKI (`BEGIN PUBLIC KEY`) or PKCS#1 (`BEGIN RSA PUBLIC KEY`) PEM
-    /// file.
+    /// Loads the public keys of an SPKI (`BEGIN PUBLIC KEY`) or PKCS#1 (`BEGIN RSA PUBLIC KEY`)
+    /// PEM file. A file may hold several keys (old and new during a rotation); a signature by
+    /// any of them verifies.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let block = read_pem(path)?;
-        if !matches!(block.tag(), "PUBLIC KEY" | "RSA PUBLIC KEY") {
-            return Err(KeyError::WrongKind {
+        let text = fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let blocks = pem::parse_many(&text).map_err(|e| KeyError::NotPem {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        if blocks.is_empty() {
+            return Err(KeyError::NotPem {
                 path: path.to_owned(),
-                tag: block.tag().to_owned(),
-                expected: "`PUBLIC KEY` or `RSA PUBLIC KEY`",
+                detail: "no PEM block found".into(),
             });
         }
-        // aws-lc accepts both the PKCS#1 and the SPKI encoding of an RSA key here, and refuses
-        // any other key type (EC, Ed25519) for an RSA algorithm.
-        let key = ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, block.contents())
-            .map_err(|e| KeyError::NotRsa {
-                path: path.to_owned(),
-                detail: e.to_string(),
-            })?;
-        Ok(Verifier { key })
+        let mut keys = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            if !matches!(block.tag(), "PUBLIC KEY" | "RSA PUBLIC KEY") {
+                return Err(KeyError::WrongKind {
+                    path: path.to_owned(),
+                    tag: block.tag().to_owned(),
+                    expected: "`PUBLIC KEY` or `RSA PUBLIC KEY`",
+                });
+            }
+            // aws-lc accepts both the PKCS#1 and the SPKI encoding of an RSA key here, and
+            // refuses any other key type (EC, Ed25519) for an RSA algorithm.
+            let key =
+                ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, block.contents())
+                    .map_err(|e| KeyError::NotRsa {
+                        path: path.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+            keys.push(key);
+        }
+        Ok(Verifier { keys })
     }
 
-    /// True when `sig` is a valid RS256 signature of `message` by this key.
+    /// True when `sig` is a valid RS256 signature of `message` by one of these keys.
     pub fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
-        self.key.verify_sig(message, sig).is_ok()
+        self.keys.iter().any(|k| k.verify_sig(message, sig).is_ok())
     }
 }
 
@@ -259,5 +280,28 @@ mod tests {
             err.contains("nope.pem") && err.contains("cannot read"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn a_public_key_file_may_hold_old_and_new_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = generate(dir.path(), "old").unwrap();
+        let new = generate(dir.path(), "new").unwrap();
+        let mut both = fs::read(&old.public).unwrap();
+        both.extend(fs::read(&new.public).unwrap());
+        let path = dir.path().join("both.key");
+        fs::write(&path, both).unwrap();
+        let verifier = Verifier::load(&path).unwrap();
+        for f in [&old, &new] {
+            let signer = Signer::load(&f.private).unwrap();
+            assert!(verifier.verify(b"m", &signer.sign(b"m")));
+        }
+        let other = generate(dir.path(), "other").unwrap();
+        assert!(!verifier.verify(b"m", &Signer::load(&other.private).unwrap().sign(b"m")));
     }
 }

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod decision;
+pub mod dedup;
 pub mod demo;
 pub mod fanout;
 pub mod health;
@@ -23,6 +24,7 @@ pub mod runtime;
 pub mod sample_server;
 pub mod serve;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ pub struct Shared {
     pub audit: ArcSwapOption<AuditLog>,
     pub metrics: Metrics,
     pub health: Health,
+    /// Per process: replicas behind a load balancer each have their own.
+    pub dedup: dedup::Dedup<Arc<server::Evaluation>>,
 }
 
 // === impl Shared ===
@@ -56,6 +60,7 @@ impl Shared {
             audit: ArcSwapOption::new(audit),
             metrics,
             health: Health::default(),
+            dedup: dedup::Dedup::new(dedup::DEFAULT_CAPACITY),
         };
         shared.set_config_gauges();
         Ok(Arc::new(shared))

@@ -31,6 +31,8 @@ pub struct Runtime {
     pub signer: Signer,
     pub node_verifier: Verifier,
     pub downstreams: Vec<Arc<Downstream>>,
+    /// Set when the config has `tls:`; each new connection uses the current generation's.
+    pub tls: Option<crate::tls::Acceptor>,
 }
 
 // === impl Runtime ===
@@ -64,6 +66,12 @@ impl Runtime {
             let verifier = Verifier::load(&s.pubkey_path)
                 .map_err(key_err(format!("callback_servers[{i}].pubkey_path")))?;
             let timeout = Duration::from_millis(s.timeout_ms);
+            let client =
+                crate::tls::downstream_client(s, timeout).map_err(|e| ConfigError::Field {
+                    path: path.to_owned(),
+                    field: format!("callback_servers[{i}].{}", e.field),
+                    message: e.message,
+                })?;
             downstreams.push(Arc::new(Downstream {
                 name: s.name.as_str().into(),
                 // Validated in Config::parse.
@@ -77,10 +85,19 @@ impl Runtime {
                 retries: s.retries,
                 mode: s.mode,
                 config: s.clone(),
-                client: crate::client::http_client(timeout),
+                client,
             }));
         }
+        let tls = match &config.tls {
+            Some(t) => Some(crate::tls::acceptor(t).map_err(|e| ConfigError::Field {
+                path: path.to_owned(),
+                field: e.field.into(),
+                message: e.message,
+            })?),
+            None => None,
+        };
         Ok(Runtime {
+            tls,
             path: path.to_owned(),
             config,
             generation,

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::audit::AuditRecord;
 use crate::decision::{decide, Decision};
+use crate::dedup::{self, Lookup};
 use crate::fanout::{self, Verdict};
 use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status, FORM_FIELD};
 use crate::rules::RuleVerdict;
@@ -23,6 +24,17 @@ use crate::Shared;
 struct Answer {
     request_id: String,
     code: Option<i64>,
+    decision: Decision,
+    embedded: String,
+    verdicts: Vec<Verdict>,
+    /// Answered from an identical twin's evaluation (a TSS Node retry), not by asking again.
+    duplicate: bool,
+}
+
+/// The evaluation of one request: what the rules and the downstreams said. Shared between
+/// identical retries by [`crate::dedup::Dedup`].
+#[derive(Debug)]
+pub struct Evaluation {
     decision: Decision,
     embedded: String,
     verdicts: Vec<Verdict>,
@@ -85,6 +97,7 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
             embedded: answer.embedded.clone(),
             servers: &answer.verdicts,
             config_generation: rt.generation,
+            duplicate: answer.duplicate,
         };
         if let Err(e) = audit.append(&record) {
             // An answer that cannot be audited is not given as an approval.
@@ -141,6 +154,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         decision: Decision::reject(status, error),
         embedded: "not_evaluated".into(),
         verdicts: Vec::new(),
+        duplicate: false,
     }
 }
 
@@ -218,6 +232,51 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: In
     };
 
     let code = request.request_type;
+    let ttl = Duration::from_secs(rt.config.token_expire_minutes * 60);
+    let lookup = shared
+        .dedup
+        .run(
+            &request.request_id,
+            dedup::digest(&package),
+            ttl,
+            // Approvals and status-0 rejections are final; a status-30 failure may be retried.
+            |e: &Arc<Evaluation>| e.decision.status == Status::Ok,
+            || async { Arc::new(evaluate(shared, rt, &request, &package, deadline).await) },
+        )
+        .await;
+    match lookup {
+        Lookup::Conflict => {
+            tracing::warn!(
+                request_id = %crate::client::snippet(&request.request_id),
+                "suspicious: request_id already used with a different payload"
+            );
+            invalid(
+                Status::InvalidRequest,
+                request.request_id,
+                Some(code),
+                "request_id was already used with a different payload".into(),
+            )
+        }
+        Lookup::Done { value, shared } => Answer {
+            request_id: request.request_id,
+            code: Some(code),
+            decision: value.decision.clone(),
+            embedded: value.embedded.clone(),
+            verdicts: value.verdicts.clone(),
+            duplicate: shared,
+        },
+    }
+}
+
+/// Embedded rules, then the downstreams: the decision for one well-formed request.
+async fn evaluate(
+    shared: &Shared,
+    rt: &Runtime,
+    request: &CallbackRequest,
+    package: &[u8],
+    deadline: Instant,
+) -> Evaluation {
+    let code = request.request_type;
     let kind = RequestType::from_code(code);
     let detail = request.request_detail.as_deref().unwrap_or("");
     let rules = rt.config.embedded_risk_control_rules.check(code, detail);
@@ -240,14 +299,12 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: In
             &rules,
             kind,
             &request.request_id,
-            &package,
+            package,
             deadline,
         )
         .await
     };
-    Answer {
-        request_id: request.request_id,
-        code: Some(code),
+    Evaluation {
         decision,
         embedded,
         verdicts,
@@ -326,6 +383,7 @@ fn log_decision(a: &Answer, kind: &str, elapsed: Duration) {
         decision = a.decision.action.as_str(),
         duration_ms = elapsed.as_millis() as u64,
         servers = %servers.join(","),
+        duplicate = a.duplicate,
         error = %crate::client::snippet(&a.decision.error),
         "decision"
     );

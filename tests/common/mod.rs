@@ -363,6 +363,7 @@ pub struct Downstream {
     pub key: KeyPair,
     state: Arc<DsState>,
     connections: Arc<AtomicUsize>,
+    https: bool,
 }
 
 impl Downstream {
@@ -373,6 +374,17 @@ impl Downstream {
         key: &KeyPair,
         script: Script,
         drop_connections: usize,
+    ) -> Downstream {
+        Downstream::start_with(name, key, script, drop_connections, None).await
+    }
+
+    /// As [`Downstream::start`], serving HTTPS through `tls` when given.
+    pub async fn start_with(
+        name: &str,
+        key: &KeyPair,
+        script: Script,
+        drop_connections: usize,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Downstream {
         let state = Arc::new(DsState {
             name: name.into(),
@@ -391,6 +403,7 @@ impl Downstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let conns = connections.clone();
+        let tls_on = tls.is_some();
         tokio::spawn(async move {
             let service = TowerToHyperService::new(app);
             loop {
@@ -402,10 +415,19 @@ impl Downstream {
                     continue;
                 }
                 let service = service.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -415,11 +437,13 @@ impl Downstream {
             key: key.clone(),
             state,
             connections,
+            https: tls_on,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/v2/check", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/v2/check", self.addr)
     }
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
@@ -530,6 +554,8 @@ pub struct Entry<'a> {
     pub ds: &'a Downstream,
     /// `service_address` if not the server's own.
     pub url: Option<String>,
+    /// `pubkey_path` if not the server's own SPKI file.
+    pub pubkey: Option<PathBuf>,
     /// Extra YAML lines for this server (`timeout_ms: 300`, `mode: shadow`, ...).
     pub extra: &'a str,
 }
@@ -539,6 +565,7 @@ pub fn entry<'a>(ds: &'a Downstream, extra: &'a str) -> Entry<'a> {
         ds,
         url: None,
         extra,
+        pubkey: None,
     }
 }
 
@@ -548,14 +575,20 @@ pub fn entry_at<'a>(ds: &'a Downstream, url: &str, extra: &'a str) -> Entry<'a> 
         ds,
         url: Some(url.into()),
         extra,
+        pubkey: None,
     }
 }
 
 /// A gateway config for `servers`, plus `extra` top-level YAML.
 pub fn config_yaml(listen: SocketAddr, servers: &[Entry<'_>], extra: &str) -> String {
     let k = keys();
+    let health = if extra.contains("health_check_interval_ms") {
+        ""
+    } else {
+        "health_check_interval_ms: 0\n"
+    };
     let mut y = format!(
-        "listen: {listen}\nservice_name: test-gateway\ntss_node_public_key: {}\ngateway_private_key: {}\nhealth_check_interval_ms: 0\n{extra}\ncallback_servers:\n",
+        "listen: {listen}\nservice_name: test-gateway\ntss_node_public_key: {}\ngateway_private_key: {}\n{health}{extra}\ncallback_servers:\n",
         k.node.spki.display(),
         k.gateway.pkcs8.display()
     );
@@ -567,7 +600,7 @@ pub fn config_yaml(listen: SocketAddr, servers: &[Entry<'_>], extra: &str) -> St
             "  - name: {}\n    service_address: {}\n    pubkey_path: {}\n",
             e.ds.name,
             e.url.clone().unwrap_or_else(|| e.ds.url()),
-            e.ds.key.spki.display()
+            e.pubkey.as_ref().unwrap_or(&e.ds.key.spki).display()
         ));
         for line in e.extra.lines().filter(|l| !l.trim().is_empty()) {
             y.push_str(&format!("    {}\n", line.trim()));
@@ -606,6 +639,8 @@ impl Gateway {
                 let _ = rx.await;
             },
         ));
+        // Ends with the test's runtime; with health_check_interval_ms: 0 it only sleeps.
+        tokio::spawn(tss_callback_gateway::health::run(shared.clone()));
         Gateway {
             addr,
             shared,
@@ -618,6 +653,25 @@ impl Gateway {
 
     pub fn url(&self) -> String {
         format!("http://{}/v2/check", self.addr)
+    }
+
+    /// Reloads on config and key file changes, as `run` does.
+    pub fn watch(&self) {
+        tokio::spawn(tss_callback_gateway::reload::watch(
+            self.shared.clone(),
+            self.config_path.clone(),
+        ));
+    }
+
+    /// Rewrites the config atomically (write then rename), as a careful operator would.
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.shared.runtime.load().generation
     }
 
     /// A counter or gauge value from `/metrics` text, by full series name with labels.
