@@ -356,3 +356,44 @@ async fn logs_one_json_line_per_decision_without_tokens() {
         "a token was logged: {lines:#?}"
     );
 }
+
+/// The audit line is written before the answer: after N answers, a SIGKILL leaves N complete,
+/// parseable lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_survive_sigkill() {
+    let k = keys();
+    let ds = Downstream::start("approver", &k.servers[0], always(Answer::approve()), 0).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = config_yaml(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &[entry(&ds, "")],
+        "audit_log: audit.jsonl",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = spawn_run(&config, port);
+    let url = format!("http://127.0.0.1:{port}/v2/check");
+    const N: usize = 25;
+    for i in 0..N {
+        let r = if i % 5 == 4 {
+            post_token(&url, "garbage").await
+        } else {
+            send(&url, &request("key_sign", &format!("kill-{i}"))).await
+        };
+        assert_eq!(r.http, 200);
+    }
+    signal(&child, "KILL");
+    child.wait().unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.ends_with('\n'), "last line incomplete");
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), N);
+    assert_eq!(lines.iter().filter(|l| l["status"] == 20).count(), N / 5);
+    assert_eq!(lines[0]["request_id"], "kill-0");
+    assert_eq!(lines[0]["servers"][0]["name"], "approver");
+    assert_eq!(lines[0]["servers"][0]["outcome"], "approved");
+}
