@@ -60,7 +60,7 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
 
 fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     let old = shared.runtime.load_full();
-    let rt = Runtime::load(path, old.generation + 1)?;
+    let rt = Runtime::reload(path, &old)?;
     let audit = match &rt.config.audit_log {
         Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
         Some(p) => Some(Arc::new(AuditLog::open(p).map_err(|source| {

@@ -35,19 +35,38 @@ pub struct Runtime {
     pub tls: Option<crate::tls::Acceptor>,
 }
 
+/// Whether a client built for `a` serves `b` as well. Servers with TLS files never qualify: the
+/// files may have changed on disk under the same names.
+fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
+    let no_tls_files =
+        |s: &ServerConfig| s.ca_file.is_none() && s.client_cert.is_none() && s.client_key.is_none();
+    a.service_address == b.service_address
+        && a.timeout_ms == b.timeout_ms
+        && no_tls_files(a)
+        && no_tls_files(b)
+}
+
 // === impl Runtime ===
 
 impl Runtime {
     /// Reads, validates and loads every key of the config at `path`.
     pub fn load(path: &Path, generation: u64) -> Result<Runtime, ConfigError> {
         let config = Config::load(path)?;
-        Runtime::from_config(path, config, generation)
+        Runtime::from_config(path, config, generation, None)
+    }
+
+    /// Loads the next generation. Servers whose connection settings did not change keep their
+    /// HTTP client, so their warm keep-alive connections survive the reload.
+    pub fn reload(path: &Path, previous: &Runtime) -> Result<Runtime, ConfigError> {
+        let config = Config::load(path)?;
+        Runtime::from_config(path, config, previous.generation + 1, Some(previous))
     }
 
     pub fn from_config(
         path: &Path,
         config: Config,
         generation: u64,
+        previous: Option<&Runtime>,
     ) -> Result<Runtime, ConfigError> {
         let key_err = |field: String| {
             let path = path.to_owned();
@@ -66,12 +85,20 @@ impl Runtime {
             let verifier = Verifier::load(&s.pubkey_path)
                 .map_err(key_err(format!("callback_servers[{i}].pubkey_path")))?;
             let timeout = Duration::from_millis(s.timeout_ms);
-            let client =
-                crate::tls::downstream_client(s, timeout).map_err(|e| ConfigError::Field {
-                    path: path.to_owned(),
-                    field: format!("callback_servers[{i}].{}", e.field),
-                    message: e.message,
-                })?;
+            let reusable = previous
+                .into_iter()
+                .flat_map(|p| p.downstreams.iter())
+                .find(|d| same_connection(&d.config, s));
+            let client = match reusable {
+                Some(d) => d.client.clone(),
+                None => {
+                    crate::tls::downstream_client(s, timeout).map_err(|e| ConfigError::Field {
+                        path: path.to_owned(),
+                        field: format!("callback_servers[{i}].{}", e.field),
+                        message: e.message,
+                    })?
+                }
+            };
             downstreams.push(Arc::new(Downstream {
                 name: s.name.as_str().into(),
                 // Validated in Config::parse.

@@ -122,6 +122,11 @@ async fn an_invalid_config_is_refused_and_the_running_one_kept() {
         gw.metric(r#"tss_gateway_config_reloads_total{result="success"}"#),
         1.0
     );
+    // An unchanged server keeps its warm keep-alive connection across the reload.
+    send(&gw.url(), &request("key_sign", "same-connection"))
+        .await
+        .expect(0, "APPROVE", &[]);
+    assert_eq!(a.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
