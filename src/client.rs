@@ -98,8 +98,8 @@ pub async fn post_token(
 }
 
 /// Verifies an answer with the server's key and decodes its CallbackResponse. When
-/// `expect_request_id` is given, an answer for any other request is refused: a replayed approval
-/// must never count.
+/// `expect_request_id` is given, a status-0 answer for any other request is refused: a replayed
+/// approval (or rejection) must never count.
 pub fn read_answer(
     answer: &RawAnswer,
     verifier: &Verifier,
@@ -135,7 +135,9 @@ pub fn read_answer(
         .map_err(|e| CallError::BadResponse(e.to_string()))?;
     let response: CallbackResponse = serde_json::from_slice(&package)
         .map_err(|e| CallError::BadResponse(format!("not a CallbackResponse: {e}")))?;
-    if let Some(expected) = expect_request_id {
+    // A non-zero status is a failure whichever request it names, and servers that could not read
+    // the request (status 10/20) cannot name it; only answers that could count are matched.
+    if let Some(expected) = expect_request_id.filter(|_| response.status == 0) {
         if response.request_id != expected {
             return Err(CallError::BadResponse(format!(
                 "request_id mismatch: sent {:?}, answer is for {:?}",
