@@ -64,6 +64,19 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 // === impl Outcome ===
 
 impl Outcome {
+    /// The outcomes counted in `tss_gateway_downstream_requests_total` (not `pending`).
+    pub const RECORDED: [Outcome; 9] = [
+        Outcome::Approved,
+        Outcome::Rejected,
+        Outcome::Timeout,
+        Outcome::TransportError,
+        Outcome::HttpError,
+        Outcome::BadSignature,
+        Outcome::BadResponse,
+        Outcome::ErrorStatus,
+        Outcome::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Approved => "approved",

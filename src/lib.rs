@@ -70,6 +70,9 @@ impl Shared {
     /// generation.
     pub fn set_config_gauges(&self) {
         let rt = self.runtime.load();
+        for d in &rt.downstreams {
+            self.metrics.register_server(&d.name);
+        }
         for mode in [config::Mode::Enforce, config::Mode::Shadow] {
             let n = rt.downstreams.iter().filter(|d| d.mode == mode).count();
             self.metrics

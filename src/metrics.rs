@@ -130,11 +130,39 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        // Both results exist from the start so rate() and alerts see a zero, not an absence.
+        // Every label value exists from the start, so rate() and alerts see a zero rather than
+        // an absence, and the first increment shows as an increase.
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]);
         }
+        let outcomes = [
+            outcome::APPROVED,
+            outcome::REJECTED,
+            outcome::FAILED,
+            outcome::INVALID_TOKEN,
+            outcome::INVALID_REQUEST,
+        ];
+        for kind in crate::protocol::RequestType::ALL
+            .iter()
+            .map(|t| t.name())
+            .chain(["unknown"])
+        {
+            for o in outcomes {
+                m.requests.with_label_values(&[kind, o]);
+            }
+            m.request_duration.with_label_values(&[kind]);
+            m.embedded_rejections.with_label_values(&[kind]);
+        }
         m
+    }
+
+    /// Creates every series of one downstream server at zero (at start and when a reload adds it).
+    pub fn register_server(&self, server: &str) {
+        for o in crate::fanout::Outcome::RECORDED {
+            self.downstream_requests
+                .with_label_values(&[server, o.as_str()]);
+        }
+        self.downstream_duration.with_label_values(&[server]);
     }
 
     /// The registry in Prometheus text format.
