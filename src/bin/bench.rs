@@ -1,0 +1,589 @@
+//! Benchmark: the gateway (as its own process, measured from /proc) in front of N in-process
+//! downstream servers of configurable latency on loopback, driven with pre-signed unique
+//! requests, beside the baselines a user would compare it with. Prints one table.
+//!
+//!     cargo run --release --bin bench -- [--quick]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tss_callback_gateway::client;
+use tss_callback_gateway::keys::{self, Signer, Verifier};
+use tss_callback_gateway::probe::sample_with_id;
+use tss_callback_gateway::protocol::{self, RequestType};
+use tss_callback_gateway::sample_server::{self, Policy, SampleServer};
+
+/// One measured row.
+struct Row {
+    scenario: String,
+    n: usize,
+    latency_ms: u64,
+    rps: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    /// Over the slowest downstream's latency, at p50.
+    overhead_ms: Option<f64>,
+    cpu_us: Option<f64>,
+    rss_mb: Option<f64>,
+    target: String,
+}
+
+struct Keys {
+    dir: tempfile::TempDir,
+    node: Signer,
+    gateway_pub: Verifier,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// utime+stime in seconds and VmHWM/VmRSS in MB of a process.
+fn proc_stats(pid: u32) -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of /proc/PID/stat (1-based), after the ")" they are 12 and 13 (1-based).
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (cpu, kb("VmHWM:"), kb("VmRSS:"))
+}
+
+/// A gateway process with `n` downstreams of `delay`.
+struct Setup {
+    child: Child,
+    url: reqwest::Url,
+    downstream_urls: Vec<reqwest::Url>,
+    downstream_pub: Verifier,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn setup(k: &Keys, n: usize, delay: Duration, hung: bool, timeout_ms: u64) -> Setup {
+    let dir = k.dir.path();
+    let mut servers = String::new();
+    let mut downstream_urls = Vec::new();
+    for i in 0..n {
+        let server = SampleServer {
+            name: format!("ds{i}"),
+            signer: Signer::load(&dir.join("ds-pri.pem")).unwrap(),
+            gateway: Verifier::load(&dir.join("gateway-pub.key")).unwrap(),
+            policy: Policy::ApproveAll,
+            delay: if hung && i == 0 {
+                Duration::from_secs(3600)
+            } else {
+                delay
+            },
+            raw_body: false,
+        };
+        let addr = sample_server::start(server).await.unwrap();
+        let url = format!("http://{addr}/v2/check");
+        servers.push_str(&format!(
+            "  - name: ds{i}\n    service_address: {url}\n    pubkey_path: ds-pub.key\n    timeout_ms: {timeout_ms}\n    retries: 0\n"
+        ));
+        downstream_urls.push(reqwest::Url::parse(&url).unwrap());
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join(format!("gateway-{port}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\ntss_node_public_key: node-pub.key\ngateway_private_key: gateway-pri.pem\nhealth_check_interval_ms: 0\ndeadline_ms: 8000\ncallback_servers:\n{servers}"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(gateway_bin())
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the gateway (cargo build --release first)");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Setup {
+        child,
+        url: reqwest::Url::parse(&format!("http://127.0.0.1:{port}/v2/check")).unwrap(),
+        downstream_urls,
+        downstream_pub: Verifier::load(&dir.join("ds-pub.key")).unwrap(),
+    }
+}
+
+fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.with_file_name("tss-callback-gateway")
+}
+
+/// `count` unique KeySign requests, signed by the node before the clock starts.
+fn presign(k: &Keys, tag: &str, count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| {
+            let id = format!("bench-{tag}-{i}");
+            let payload = sample_with_id(RequestType::KeySign, &id);
+            (
+                id,
+                protocol::sign_token(&k.node, &payload, "bench-node", 600),
+            )
+        })
+        .collect()
+}
+
+fn http() -> reqwest::Client {
+    client::builder(Duration::from_secs(5))
+        .pool_max_idle_per_host(2048)
+        .build()
+        .unwrap()
+}
+
+/// One request to `url`; the answer is verified. Returns latency in ms, or None on failure.
+async fn one(
+    c: &reqwest::Client,
+    url: &reqwest::Url,
+    token: &str,
+    id: &str,
+    key: &Verifier,
+) -> Option<bool> {
+    let raw = client::post_token(c, url, token).await.ok()?;
+    let answer = client::read_answer(&raw, key, Some(id)).ok()?;
+    Some(answer.is_approval())
+}
+
+/// Requests sent on schedule at `rate`; latency counted from the scheduled time (no coordinated
+/// omission).
+async fn open_loop(
+    url: &reqwest::Url,
+    key: &Verifier,
+    tokens: Vec<(String, String)>,
+    rate: f64,
+) -> (Vec<f64>, f64, usize) {
+    let c = http();
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let tasks = FuturesUnordered::new();
+    for (i, (id, token)) in tokens.into_iter().enumerate() {
+        let due = start + interval * i as u32;
+        let (c, url, key) = (c.clone(), url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            let ok = one(&c, &url, &token, &id, &key).await;
+            (due.elapsed().as_secs_f64() * 1000.0, ok)
+        }));
+    }
+    collect(tasks, start).await
+}
+
+/// `concurrency` clients sending back to back.
+async fn closed_loop(
+    url: &reqwest::Url,
+    key: &Verifier,
+    tokens: Vec<(String, String)>,
+    concurrency: usize,
+) -> (Vec<f64>, f64, usize) {
+    let c = http();
+    let start = Instant::now();
+    let per = tokens.len() / concurrency;
+    let tokens = Arc::new(tokens);
+    let mut tasks = FuturesUnordered::new();
+    for w in 0..concurrency {
+        let (c, url, key, tokens) = (c.clone(), url.clone(), key.clone(), tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for (id, token) in &tokens[w * per..(w + 1) * per] {
+                let t = Instant::now();
+                let ok = one(&c, &url, token, id, &key).await;
+                out.push((t.elapsed().as_secs_f64() * 1000.0, ok));
+            }
+            out
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    while let Some(r) = tasks.next().await {
+        for (ms, ok) in r.unwrap() {
+            lat.push(ms);
+            failed += usize::from(ok != Some(true));
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    (lat, secs, failed)
+}
+
+async fn collect(
+    mut tasks: FuturesUnordered<tokio::task::JoinHandle<(f64, Option<bool>)>>,
+    start: Instant,
+) -> (Vec<f64>, f64, usize) {
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    while let Some(r) = tasks.next().await {
+        let (ms, ok) = r.unwrap();
+        lat.push(ms);
+        failed += usize::from(ok != Some(true));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    (lat, secs, failed)
+}
+
+/// The RSA work of one gateway request with N downstreams, keys parsed once: verify the node's
+/// token, sign once for the downstreams, verify N answers, sign the answer. CPU µs per request.
+fn crypto_floor(k: &Keys, n: usize) -> f64 {
+    let dir = k.dir.path();
+    let node_pub = Verifier::load(&dir.join("node-pub.key")).unwrap();
+    let gateway = Signer::load(&dir.join("gateway-pri.pem")).unwrap();
+    let ds = Signer::load(&dir.join("ds-pri.pem")).unwrap();
+    let ds_pub = Verifier::load(&dir.join("ds-pub.key")).unwrap();
+    let payload = sample_with_id(RequestType::KeySign, "floor");
+    let node_token = protocol::sign_token(&k.node, &payload, "n", 600);
+    let answer = protocol::sign_token(
+        &ds,
+        br#"{"request_id":"floor","status":0,"action":"APPROVE","error":""}"#,
+        "d",
+        600,
+    );
+    let rounds = 300;
+    let t = cpu_time();
+    for _ in 0..rounds {
+        protocol::verify_token(&node_token, &node_pub, protocol::now_secs()).unwrap();
+        std::hint::black_box(protocol::sign_token(&gateway, &payload, "g", 120));
+        for _ in 0..n {
+            protocol::verify_token(&answer, &ds_pub, protocol::now_secs()).unwrap();
+        }
+        std::hint::black_box(protocol::sign_token(&gateway, &payload, "g", 120));
+    }
+    (cpu_time() - t) / rounds as f64 * 1e6
+}
+
+fn cpu_time() -> f64 {
+    proc_stats(std::process::id()).0
+}
+
+fn measured(
+    scenario: &str,
+    n: usize,
+    latency_ms: u64,
+    (lat, secs, failed): &(Vec<f64>, f64, usize),
+    gateway: Option<(f64, u32)>,
+    target: String,
+) -> Row {
+    let p50 = percentile(lat, 0.5);
+    let (cpu_us, rss_mb) = match gateway {
+        Some((cpu_before, pid)) => {
+            let (cpu, hwm, _) = proc_stats(pid);
+            (Some((cpu - cpu_before) / lat.len() as f64 * 1e6), Some(hwm))
+        }
+        None => (None, None),
+    };
+    if *failed > 0 && !scenario.contains("hung") {
+        eprintln!(
+            "warning: {scenario}: {failed} of {} requests were not approved",
+            lat.len()
+        );
+    }
+    Row {
+        scenario: scenario.into(),
+        n,
+        latency_ms,
+        rps: lat.len() as f64 / secs,
+        p50,
+        p95: percentile(lat, 0.95),
+        p99: percentile(lat, 0.99),
+        overhead_ms: Some(p50 - latency_ms as f64),
+        cpu_us,
+        rss_mb,
+        target,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let secs = if quick { 3.0 } else { 10.0 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(quick, secs, only));
+}
+
+async fn run(quick: bool, secs: f64, only: Option<String>) {
+    let on = |s: &str| only.as_deref().is_none_or(|o| o.contains(s));
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["node", "gateway", "ds"] {
+        keys::generate(dir.path(), name).unwrap();
+    }
+    let k = Keys {
+        node: Signer::load(&dir.path().join("node-pri.pem")).unwrap(),
+        gateway_pub: Verifier::load(&dir.path().join("gateway-pub.key")).unwrap(),
+        dir,
+    };
+    let mut rows = Vec::new();
+    let fast = Duration::ZERO;
+
+    // (c) the crypto floor.
+    let floor5 = crypto_floor(&k, 5);
+    let floor1 = crypto_floor(&k, 1);
+    eprintln!("crypto floor: {floor5:.0} µs CPU per request with N=5, {floor1:.0} µs with N=1");
+
+    // (A) N=5 at 50 ms, open loop 200 req/s.
+    if on("A") {
+        let s = setup(&k, 5, Duration::from_millis(50), false, 5000).await;
+        let warm = presign(&k, "a-warm", 200);
+        open_loop(&s.url, &k.gateway_pub, warm, 200.0).await;
+        let before = proc_stats(s.child.id()).0;
+        let r = open_loop(
+            &s.url,
+            &k.gateway_pub,
+            presign(&k, "a", (200.0 * secs) as usize),
+            200.0,
+        )
+        .await;
+        let mut row = measured(
+            "A open loop 200/s",
+            5,
+            50,
+            &r,
+            Some((before, s.child.id())),
+            String::new(),
+        );
+        row.target = format!(
+            "p50 ≤ 52 ms {}, p99 ≤ 55 ms {}",
+            mark(row.p50 <= 52.0),
+            mark(row.p99 <= 55.0)
+        );
+        rows.push(row);
+        // (a) one of those servers called directly at the same rate: what the gateway adds is
+        // measured against this, not against the nominal 50 ms.
+        let direct = open_loop(
+            &s.downstream_urls[0],
+            &s.downstream_pub,
+            presign_downstream(&k, (200.0 * secs) as usize),
+            200.0,
+        )
+        .await;
+        let direct_row = measured(
+            "(a) direct to 1 server 200/s",
+            1,
+            50,
+            &direct,
+            None,
+            "no gateway".into(),
+        );
+        if let Some(a) = rows.last_mut() {
+            a.target.push_str(&format!(
+                "; over direct p50 +{:.1} ms, p99 +{:.1} ms",
+                a.p50 - direct_row.p50,
+                a.p99 - direct_row.p99
+            ));
+        }
+        rows.push(direct_row);
+        // (b) the same five servers asked one after another by one client.
+        let c = http();
+        let mut lat = Vec::new();
+        let n = if quick { 20 } else { 60 };
+        let start = Instant::now();
+        for (id, token) in presign_downstream(&k, n) {
+            let t = Instant::now();
+            for u in &s.downstream_urls {
+                one(&c, u, &token, &id, &s.downstream_pub).await;
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        lat.sort_by(f64::total_cmp);
+        rows.push(measured(
+            "(b) sequential, 5 servers",
+            5,
+            50,
+            &(lat, start.elapsed().as_secs_f64(), 0),
+            None,
+            "what one-by-one checking costs".into(),
+        ));
+    }
+
+    // (B) closed loop, instant downstreams.
+    for n in [5usize, 1].into_iter().filter(|_| on("B")) {
+        let s = setup(&k, n, fast, false, 5000).await;
+        closed_loop(
+            &s.url,
+            &k.gateway_pub,
+            presign(&k, &format!("b{n}-warm"), 256),
+            32,
+        )
+        .await;
+        let count = if quick { 1024 } else { 4096 };
+        let before = proc_stats(s.child.id()).0;
+        let r = closed_loop(
+            &s.url,
+            &k.gateway_pub,
+            presign(&k, &format!("b{n}"), count),
+            32,
+        )
+        .await;
+        let floor = if n == 5 { floor5 } else { floor1 };
+        let mut row = measured(
+            &format!("B closed loop c=32 (floor {floor:.0} µs)"),
+            n,
+            0,
+            &r,
+            Some((before, s.child.id())),
+            String::new(),
+        );
+        let cpu = row.cpu_us.unwrap_or(f64::NAN);
+        let max_rps = 2.0 / (floor / 1e6);
+        row.target = format!(
+            "{:.0}% of floor rps {} ({max_rps:.0}/s), CPU {:.2}x floor {}",
+            row.rps / max_rps * 100.0,
+            mark(row.rps >= 0.8 * max_rps),
+            cpu / floor,
+            mark(cpu <= 1.25 * floor)
+        );
+        rows.push(row);
+        if n == 1 {
+            // (a) a client calling the one downstream directly, same load.
+            let tokens = presign_downstream(&k, count);
+            let r = closed_loop(&s.downstream_urls[0], &s.downstream_pub, tokens, 32).await;
+            rows.push(measured(
+                "(a) direct to 1 server c=32",
+                1,
+                0,
+                &r,
+                None,
+                "no gateway".into(),
+            ));
+        }
+    }
+
+    // (C) 1,000 requests in flight.
+    if on("C") {
+        let n: usize = std::env::var("BENCH_C_SERVERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let s = setup(&k, n, Duration::from_millis(2000), false, 5000).await;
+        let before = proc_stats(s.child.id()).0;
+        let tokens = presign(&k, "c", 1000);
+        let r = open_loop(&s.url, &k.gateway_pub, tokens, 2000.0).await;
+        let mut row = measured(
+            "C 1000 in flight (2 s servers)",
+            n,
+            2000,
+            &r,
+            Some((before, s.child.id())),
+            String::new(),
+        );
+        row.target = format!(
+            "peak RSS < 64 MB {}",
+            mark(row.rss_mb.unwrap_or(f64::MAX) < 64.0)
+        );
+        rows.push(row);
+    }
+
+    // (D) one hung downstream, timeout_ms 500.
+    if on("D") {
+        let s = setup(&k, 5, fast, true, 500).await;
+        let before = proc_stats(s.child.id()).0;
+        let count = if quick { 100 } else { 300 };
+        let r = open_loop(&s.url, &k.gateway_pub, presign(&k, "d", count), 50.0).await;
+        let mut row = measured(
+            "D 1 hung server, timeout 500 ms",
+            5,
+            500,
+            &r,
+            Some((before, s.child.id())),
+            String::new(),
+        );
+        row.target = format!("p99 ≤ 520 ms {}", mark(row.p99 <= 520.0));
+        rows.push(row);
+    }
+
+    println!(
+        "| scenario | N | downstream ms | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | gateway CPU µs/req | gateway peak RSS MB | target |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |v| format!("{v:.prec$}"));
+        println!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r.scenario,
+            r.n,
+            r.latency_ms,
+            r.rps,
+            r.p50,
+            r.p95,
+            r.p99,
+            opt(r.overhead_ms, 1),
+            opt(r.cpu_us, 0),
+            opt(r.rss_mb, 1),
+            r.target
+        );
+    }
+    println!("\ncrypto floor (c): {floor5:.0} µs CPU per request with N=5 ({:.0} req/s on 2 cores), {floor1:.0} µs with N=1 ({:.0} req/s)", 2e6 / floor5, 2e6 / floor1);
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+/// Tokens a downstream accepts directly (signed by the gateway's key, as the gateway would).
+fn presign_downstream(k: &Keys, count: usize) -> Vec<(String, String)> {
+    let gateway = Signer::load(&k.dir.path().join("gateway-pri.pem")).unwrap();
+    (0..count)
+        .map(|i| {
+            let id = format!("direct-{i}");
+            (
+                id.clone(),
+                protocol::sign_token(
+                    &gateway,
+                    &sample_with_id(RequestType::KeySign, &id),
+                    "g",
+                    600,
+                ),
+            )
+        })
+        .collect()
+}
