@@ -17,7 +17,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 /// Entries kept at most; a full evaluation result is small (a few hundred bytes).
-pub const DEFAULT_CAPACITY: usize = 100_000;
+pub const DEFAULT_CAPACITY: usize = 20_000;
 
 /// What the cache says about one request.
 pub enum Lookup<T> {

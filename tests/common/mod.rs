@@ -499,7 +499,14 @@ async fn ds_check(State(s): State<Arc<DsState>>, body: Bytes) -> Response {
         payload,
         iss: data.claims.iss.clone(),
     };
-    s.seen.lock().unwrap().push(seen.clone());
+    {
+        // Bounded, so long soaks measure the gateway's memory rather than this record's.
+        let mut record = s.seen.lock().unwrap();
+        if record.len() >= 1000 {
+            record.drain(..500);
+        }
+        record.push(seen.clone());
+    }
     let script = s.script.lock().unwrap().clone();
     let answer = script(&seen);
     tokio::time::sleep(answer.delay).await;

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The full soak: 20,000 requests (or $1) at concurrency 64 across 5 randomly misbehaving
+# downstreams; zero false approvals, every answer as the behaviours imply, audit lines = answers,
+# memory flat after warm-up. CI runs the same test with 2,000.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SOAK_REQUESTS=${1:-20000} cargo test --release --locked --test soak -- --nocapture
