@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
+
 use crate::keys::Verifier;
 use crate::protocol::{self, CallbackResponse, TokenError, FORM_FIELD};
 
@@ -54,16 +56,31 @@ pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
         .pool_max_idle_per_host(256)
 }
 
-/// Posts `token` as the `TSS_JWT_MSG` form field and reads at most [`MAX_ANSWER_BYTES`] of the
-/// answer. Callers bound the time with their own timeout.
+/// The form body carrying `token` as the `TSS_JWT_MSG` field. Built once per request and shared
+/// by every downstream call.
+pub fn form_body(token: &str) -> Bytes {
+    form_urlencoded::Serializer::new(String::with_capacity(token.len() + 16))
+        .append_pair(FORM_FIELD, token)
+        .finish()
+        .into()
+}
+
+/// Posts `token` as the `TSS_JWT_MSG` form field; see [`post_form`].
 pub async fn post_token(
     client: &reqwest::Client,
     url: &reqwest::Url,
     token: &str,
 ) -> Result<RawAnswer, CallError> {
-    let body: String = form_urlencoded::Serializer::new(String::with_capacity(token.len() + 16))
-        .append_pair(FORM_FIELD, token)
-        .finish();
+    post_form(client, url, form_body(token)).await
+}
+
+/// Posts a [`form_body`] and reads at most [`MAX_ANSWER_BYTES`] of the answer. Callers bound the
+/// time with their own timeout.
+pub async fn post_form(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    body: Bytes,
+) -> Result<RawAnswer, CallError> {
     let mut resp = client
         .post(url.clone())
         .header("content-type", "application/x-www-form-urlencoded")

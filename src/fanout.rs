@@ -8,6 +8,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -128,7 +129,7 @@ impl Verdict {
 /// failures only. For a Ping any status-0 answer counts as approved.
 pub async fn call(
     ds: &Downstream,
-    token: &str,
+    form: &Bytes,
     request_id: &str,
     is_ping: bool,
     deadline: Instant,
@@ -141,9 +142,10 @@ pub async fn call(
         if budget.is_zero() {
             break Err(CallError::Timeout(ds.timeout.as_millis() as u64));
         }
-        let answer = tokio::time::timeout(budget, client::post_token(&ds.client, &ds.url, token))
-            .await
-            .unwrap_or(Err(CallError::Timeout(budget.as_millis() as u64)));
+        let answer =
+            tokio::time::timeout(budget, client::post_form(&ds.client, &ds.url, form.clone()))
+                .await
+                .unwrap_or(Err(CallError::Timeout(budget.as_millis() as u64)));
         match answer {
             Err(CallError::Transport(e)) if attempt < ds.retries => {
                 attempt += 1;
@@ -207,7 +209,7 @@ fn record(metrics: &Metrics, v: &Verdict) {
 /// order they finished, cancelled ones last) and the shadow slots.
 pub async fn fan_out<'a>(
     servers: impl Iterator<Item = &'a Arc<Downstream>>,
-    token: Arc<str>,
+    form: Bytes,
     request_id: Arc<str>,
     is_ping: bool,
     deadline: Instant,
@@ -221,14 +223,14 @@ pub async fn fan_out<'a>(
             Mode::Shadow => {
                 let slot = Arc::new(OnceLock::new());
                 shadows.push((ds.clone(), slot.clone()));
-                let (ds, token, id, metrics) = (
+                let (ds, form, id, metrics) = (
                     ds.clone(),
-                    token.clone(),
+                    form.clone(),
                     request_id.clone(),
                     metrics.clone(),
                 );
                 tokio::spawn(async move {
-                    let v = call(&ds, &token, &id, is_ping, deadline).await;
+                    let v = call(&ds, &form, &id, is_ping, deadline).await;
                     record(&metrics, &v);
                     tracing::info!(request_id = %client::snippet(&id), server = %v.server, outcome = v.outcome.as_str(), duration_ms = v.duration.as_millis() as u64, "shadow verdict");
                     let _ = slot.set(v);
@@ -237,10 +239,10 @@ pub async fn fan_out<'a>(
             Mode::Enforce => {
                 let index = enforcing.len();
                 enforcing.push(ds.clone());
-                let (token, id) = (token.clone(), request_id.clone());
+                let (form, id) = (form.clone(), request_id.clone());
                 let ds = ds.clone();
                 pending
-                    .push(async move { (index, call(&ds, &token, &id, is_ping, deadline).await) });
+                    .push(async move { (index, call(&ds, &form, &id, is_ping, deadline).await) });
             }
         }
     }

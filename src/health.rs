@@ -68,15 +68,15 @@ impl Health {
                 "extra_info": "",
             })
             .to_string();
-            let token = protocol::sign_token(
+            let form = crate::client::form_body(&protocol::sign_token(
                 &rt.signer,
                 payload.as_bytes(),
                 &rt.config.service_name,
                 expire,
-            );
+            ));
             async move {
                 let deadline = Instant::now() + ds.timeout;
-                let v = fanout::call(ds, &token, &request_id, true, deadline).await;
+                let v = fanout::call(ds, &form, &request_id, true, deadline).await;
                 (ds.name.clone(), v)
             }
         });

@@ -327,16 +327,15 @@ async fn ask_downstreams(
         return (decide(rules, &[]), Vec::new());
     }
     // One signature for all downstreams: they all get the node's exact bytes.
-    let token: Arc<str> = protocol::sign_token(
+    let form = crate::client::form_body(&protocol::sign_token(
         &rt.signer,
         package,
         &rt.config.service_name,
         rt.config.token_expire_minutes as i64 * 60,
-    )
-    .into();
+    ));
     let (mut verdicts, shadows) = fanout::fan_out(
         servers,
-        token,
+        form,
         request_id.into(),
         kind == Some(RequestType::Ping),
         deadline,
