@@ -260,6 +260,69 @@ async fn hot_reload_under_load_drops_nothing() {
     assert_eq!(a.unverified() + b.unverified() + c.unverified(), 0);
 }
 
+/// A Kubernetes ConfigMap update: the mounted directory's `..data` symlink is swapped to a new
+/// timestamped folder, and `config.yaml` is a symlink through it. The gateway must see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_is_hot_reloaded() {
+    use std::os::unix::fs::symlink;
+    let a = ds("a", 0, Answer::approve()).await;
+    let b = ds("b", 1, Answer::reject("b is new")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mount = tempfile::tempdir().unwrap();
+    let m = mount.path();
+    std::fs::create_dir(m.join("..2026_11_24_1")).unwrap();
+    std::fs::write(
+        m.join("..2026_11_24_1/config.yaml"),
+        config_yaml(addr, &[entry(&a, "")], ""),
+    )
+    .unwrap();
+    symlink("..2026_11_24_1", m.join("..data")).unwrap();
+    symlink("..data/config.yaml", m.join("config.yaml")).unwrap();
+    let config = m.join("config.yaml");
+    let rt = tss_callback_gateway::runtime::Runtime::load(&config, 1).unwrap();
+    let shared =
+        tss_callback_gateway::Shared::new(rt, tss_callback_gateway::metrics::Metrics::new())
+            .unwrap();
+    tokio::spawn(tss_callback_gateway::serve::serve(
+        listener,
+        shared.clone(),
+        std::future::pending(),
+    ));
+    tokio::spawn(tss_callback_gateway::reload::watch(
+        shared.clone(),
+        config.clone(),
+    ));
+    let url = format!("http://{addr}/v2/check");
+    send(&url, &request("key_sign", "before-swap"))
+        .await
+        .expect(0, "APPROVE", &[]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // What the kubelet does: write the new version aside, then atomically swap `..data`.
+    std::fs::create_dir(m.join("..2026_11_24_2")).unwrap();
+    std::fs::write(
+        m.join("..2026_11_24_2/config.yaml"),
+        config_yaml(addr, &[entry(&a, ""), entry(&b, "")], ""),
+    )
+    .unwrap();
+    symlink("..2026_11_24_2", m.join("..data_tmp")).unwrap();
+    std::fs::rename(m.join("..data_tmp"), m.join("..data")).unwrap();
+    std::fs::remove_dir_all(m.join("..2026_11_24_1")).unwrap();
+
+    let started = Instant::now();
+    while shared.runtime.load().generation < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the symlink swap was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send(&url, &request("key_sign", "after-swap"))
+        .await
+        .expect(0, "REJECT", &["b: b is new"]);
+}
+
 /// An entry with a different public key file.
 fn entry_at_key<'a>(ds: &'a Downstream, key: &Path) -> Entry<'a> {
     Entry {
