@@ -131,31 +131,20 @@ mod tests {
     /// when every one of them approved and the rules did not reject.
     #[test]
     fn approve_only_when_all_approve() {
-        use Outcome::*;
-        let all = [
-            Approved,
-            Rejected,
-            Timeout,
-            TransportError,
-            HttpError,
-            BadSignature,
-            BadResponse,
-            ErrorStatus,
-            Cancelled,
-            Pending,
-        ];
+        let mut all = Outcome::RECORDED.to_vec();
+        all.push(Outcome::Pending);
         for rules in [
             RuleVerdict::Off,
             RuleVerdict::Pass,
             RuleVerdict::Reject("r".into()),
         ] {
-            for a in all {
-                for b in all {
-                    for c in all {
+            for &a in &all {
+                for &b in &all {
+                    for &c in &all {
                         let vs = [v("a", a, ""), v("b", b, ""), v("c", c, "")];
                         let d = decide(&rules, &vs);
                         let expect = !matches!(rules, RuleVerdict::Reject(_))
-                            && [a, b, c].iter().all(|&o| o == Approved);
+                            && [a, b, c].iter().all(|&o| o == Outcome::Approved);
                         assert_eq!(d.is_approval(), expect, "{rules:?} {a:?} {b:?} {c:?}");
                     }
                 }
