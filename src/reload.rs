@@ -92,13 +92,23 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     Ok(generation)
 }
 
-/// The files a config depends on: itself and every key it names.
+/// The files a config depends on: itself and every key and certificate it names.
 fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
     let mut files = BTreeSet::from([path.to_owned()]);
     if let Ok(c) = Config::load(path) {
         files.insert(c.tss_node_public_key);
         files.insert(c.gateway_private_key);
-        files.extend(c.callback_servers.into_iter().map(|s| s.pubkey_path));
+        if let Some(t) = c.tls {
+            files.extend([t.cert, t.key]);
+        }
+        for s in c.callback_servers {
+            files.insert(s.pubkey_path);
+            files.extend(
+                [s.ca_file, s.client_cert, s.client_key]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
     }
     files
 }

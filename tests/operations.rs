@@ -665,4 +665,35 @@ async fn the_listener_serves_https_when_configured() {
         .send()
         .await
         .is_err());
+
+    // Renewing the certificate is a file change: the next connection gets the new one.
+    gw.watch();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let renewed = Pki::new();
+    for f in ["server.key", "server.pem"] {
+        let tmp = pki.path(&format!("{f}.new"));
+        std::fs::copy(renewed.path(f), &tmp).unwrap();
+        std::fs::rename(&tmp, pki.path(f)).unwrap();
+    }
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(renewed.path("ca.pem")).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    while client
+        .get(format!("https://{}/healthz", gw.addr))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the renewed certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.generation() >= 2);
 }
