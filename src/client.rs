@@ -49,6 +49,9 @@ pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
 /// The settings every callback client shares; TLS options are added by [`crate::tls`].
 pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        // A redirect is an answer we did not ask for: following it would re-post the signed token
+        // (or fetch an address) wherever a downstream points. It is an http_error instead.
+        .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .tcp_nodelay(true)
         .connect_timeout(connect_timeout)
@@ -150,6 +153,11 @@ pub fn read_answer(
         })?;
     let package = protocol::decode_package(&claims.package_data)
         .map_err(|e| CallError::BadResponse(e.to_string()))?;
+    if package.trim_ascii_start().first() != Some(&b'{') {
+        return Err(CallError::BadResponse(
+            "CallbackResponse is not a JSON object".into(),
+        ));
+    }
     let response: CallbackResponse = serde_json::from_slice(&package)
         .map_err(|e| CallError::BadResponse(format!("not a CallbackResponse: {e}")))?;
     // A non-zero status is a failure whichever request it names, and servers that could not read

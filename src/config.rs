@@ -35,6 +35,35 @@ pub enum ConfigError {
     },
 }
 
+/// Largest config file accepted.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// Deepest `[`/`{` nesting accepted.
+const MAX_FLOW_DEPTH: usize = 32;
+
+/// The deepest nesting of YAML flow brackets, ignoring quoted strings and comments.
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut quote, mut comment, mut prev) = (0usize, 0, None, false, ' ');
+    for c in text.chars() {
+        match (quote, c) {
+            // Quoted scalars may span lines, so only the comment ends here.
+            (_, '\n') => comment = false,
+            _ if comment => {}
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '#') if prev.is_whitespace() => comment = true,
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '[' | '{') => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    max
+}
+
 /// A parsed and validated configuration, paths already resolved against the config's folder.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +219,20 @@ impl Config {
 
     /// Parses YAML `text` as if read from `path` (relative paths resolve against its folder).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // The YAML parser's time grows quadratically with flow nesting; a real config is a few
+        // KiB and a few levels deep, so refuse anything far beyond that before parsing.
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("larger than {MAX_CONFIG_BYTES} bytes"),
+            });
+        }
+        if flow_depth(text) > MAX_FLOW_DEPTH {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("brackets nested deeper than {MAX_FLOW_DEPTH} levels"),
+            });
+        }
         let mut config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // serde_norway's message already names the field and its line; keep it one line.

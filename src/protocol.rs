@@ -248,6 +248,11 @@ pub fn type_name(code: Option<i64>) -> &'static str {
 impl CallbackRequest {
     /// Parses the node's payload bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, PayloadError> {
+        // serde would also read a JSON array by field order (`["id", 2]`); only an object is a
+        // CallbackRequest.
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(PayloadError::Json("not a JSON object".into()));
+        }
         let req: CallbackRequest = serde_json::from_slice(bytes).map_err(|e| {
             PayloadError::Json(field_problem(bytes).unwrap_or_else(|| e.to_string()))
         })?;
