@@ -52,6 +52,9 @@ pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
         // A redirect is an answer we did not ask for: following it would re-post the signed token
         // (or fetch an address) wherever a downstream points. It is an http_error instead.
         .redirect(reqwest::redirect::Policy::none())
+        // The gateway retries transport failures itself, within the deadline; reqwest's own
+        // retry layer would otherwise keep a copy of every request (headers, URL) just in case.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .no_proxy()
         .tcp_nodelay(true)
         .connect_timeout(connect_timeout)
@@ -62,6 +65,15 @@ pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
 /// The form body carrying `token` as the `TSS_JWT_MSG` field. Built once per request and shared
 /// by every downstream call.
 pub fn form_body(token: &str) -> Bytes {
+    // A JWT is base64url and dots: nothing in it needs escaping, so skip the byte-by-byte encoder.
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*');
+    if token.bytes().all(|b| plain(&b)) {
+        let mut body = Vec::with_capacity(FORM_FIELD.len() + 1 + token.len());
+        body.extend_from_slice(FORM_FIELD.as_bytes());
+        body.push(b'=');
+        body.extend_from_slice(token.as_bytes());
+        return body.into();
+    }
     form_urlencoded::Serializer::new(String::with_capacity(token.len() + 16))
         .append_pair(FORM_FIELD, token)
         .finish()
@@ -137,11 +149,11 @@ pub fn read_answer(
     let text = std::str::from_utf8(&answer.body)
         .map_err(|_| unsigned("answer is not UTF-8".into()))?
         .trim();
-    let token = if text.starts_with('"') {
-        serde_json::from_str::<String>(text)
+    let token: std::borrow::Cow<str> = if text.starts_with('"') {
+        serde_json::from_str::<std::borrow::Cow<str>>(text)
             .map_err(|e| unsigned(format!("answer is not a JSON string: {e}")))?
     } else {
-        text.to_owned()
+        text.into()
     };
     let claims =
         protocol::verify_token(&token, verifier, protocol::now_secs()).map_err(|e| match e {
@@ -195,4 +207,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_body_round_trips_through_the_form_parser() {
+        for token in [
+            "eyJh.eyJw.c2ln-_",
+            "needs escaping: a+b&c=d%",
+            "",
+            "ünïcode",
+        ] {
+            let body = form_body(token);
+            let fields: Vec<(String, String)> = form_urlencoded::parse(&body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(fields, vec![(FORM_FIELD.to_owned(), token.to_owned())]);
+        }
+        assert_eq!(&form_body("a.b_c-d")[..], b"TSS_JWT_MSG=a.b_c-d");
+    }
 }

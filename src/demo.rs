@@ -67,6 +67,7 @@ pub async fn run() -> Result<(), DemoError> {
             },
             delay: Duration::from_millis(if *name == "slow" { 200 } else { 0 }),
             raw_body: i == 1,
+            presigned: None,
         };
         addrs.push(
             sample_server::start(server)

@@ -2,9 +2,10 @@
 //! benchmark: it verifies the gateway's token, applies a fixed policy after an optional delay and
 //! answers a signed CallbackResponse.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -37,6 +38,10 @@ pub struct SampleServer {
     pub delay: Duration,
     /// Answer the bare token (Python template) instead of a JSON string (Go template).
     pub raw_body: bool,
+    /// Approvals signed ahead of time, by request_id (the benchmark's "instant" servers: their
+    /// own RSA signature would otherwise compete with the gateway for the CPU). Used only when
+    /// the policy approves that request.
+    pub presigned: Option<Arc<RwLock<HashMap<String, String>>>>,
 }
 
 /// Serves `server` on a fresh loopback port until the runtime ends; returns the address.
@@ -55,16 +60,19 @@ pub async fn start(server: SampleServer) -> std::io::Result<SocketAddr> {
 }
 
 async fn check(State(s): State<Arc<SampleServer>>, body: Bytes) -> Response {
+    let deadline = Instant::now() + s.delay;
     let (http, response) = match decide(&s, &body) {
-        Ok(response) => {
-            tokio::time::sleep(s.delay).await;
-            (StatusCode::OK, response)
-        }
+        Ok(response) => (StatusCode::OK, response),
         // Like Cobo's reference servers: their own check failed, HTTP 400 with a signed body.
         Err(response) => (StatusCode::BAD_REQUEST, response),
     };
-    let json = serde_json::to_vec(&response).unwrap_or_default();
-    let token = protocol::sign_token(&s.signer, &json, &s.name, 120);
+    let token = presigned(&s, &response).unwrap_or_else(|| {
+        let json = serde_json::to_vec(&response).unwrap_or_default();
+        protocol::sign_token(&s.signer, &json, &s.name, 120)
+    });
+    if http == StatusCode::OK {
+        sleep_until(deadline).await;
+    }
     if s.raw_body {
         (http, token).into_response()
     } else {
@@ -74,6 +82,28 @@ async fn check(State(s): State<Arc<SampleServer>>, body: Bytes) -> Response {
             format!("\"{token}\""),
         )
             .into_response()
+    }
+}
+
+/// An answer signed ahead of time for this approval, if there is one.
+fn presigned(s: &SampleServer, response: &CallbackResponse) -> Option<String> {
+    if !response.is_approval() {
+        return None;
+    }
+    let answers = s.presigned.as_ref()?.read().ok()?;
+    answers.get(&response.request_id).cloned()
+}
+
+/// Sleeps until `deadline` to within a fraction of a millisecond: tokio's timer wheel rounds up
+/// to whole milliseconds, so the last stretch is slept by a blocking thread.
+async fn sleep_until(deadline: Instant) {
+    const SLACK: Duration = Duration::from_millis(2);
+    if let Some(coarse) = deadline.checked_sub(SLACK) {
+        tokio::time::sleep_until(coarse.into()).await;
+    }
+    let rest = deadline.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! HTTP routes. The callback route is thin: read the body, decide, audit, sign the answer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,12 +69,12 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     let rt = shared.runtime.load_full();
     let deadline = started + Duration::from_millis(rt.config.deadline_ms);
 
-    let read = tokio::time::timeout_at(
-        deadline,
-        read_body(&headers, body, rt.config.max_body_bytes),
-    );
+    // `headers` and the body are given away here, so that the connection's read buffer they
+    // point into is freed as soon as the token is parsed, not when the answer goes out.
+    let read =
+        tokio::time::timeout_at(deadline, read_body(headers, body, rt.config.max_body_bytes));
     let mut answer = match read.await {
-        Ok(Ok(bytes)) => decide_request(&shared, &rt, &bytes, deadline).await,
+        Ok(Ok(bytes)) => decide_request(&shared, &rt, bytes, deadline).await,
         Ok(Err(answer)) => answer,
         Err(_) => invalid(
             Status::InvalidRequest,
@@ -160,7 +161,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
 
 /// Reads the body up to `limit` bytes; a larger one is refused from its Content-Length, or as
 /// soon as the limit is crossed, without buffering the rest.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Answer> {
+async fn read_body(headers: HeaderMap, body: Body, limit: usize) -> Result<Bytes, Answer> {
     let too_large = || {
         invalid(
             Status::InvalidRequest,
@@ -193,72 +194,83 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     })
 }
 
-/// Token, payload, rules, fan-out: the decision table of CONTRACT.md section 6, in its order.
-async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: Instant) -> Answer {
+/// The `TSS_JWT_MSG` field of a form body; exactly one must be there.
+fn form_token(body: &[u8]) -> Result<Cow<'_, str>, String> {
+    // What the node sends: the one field, with nothing in its value to unescape.
+    if let Some(value) = body
+        .strip_prefix(FORM_FIELD.as_bytes())
+        .and_then(|rest| rest.strip_prefix(b"="))
+    {
+        if !value.iter().any(|b| matches!(b, b'&' | b'%' | b'+')) {
+            if let Ok(token) = std::str::from_utf8(value) {
+                return Ok(Cow::Borrowed(token));
+            }
+        }
+    }
     let mut tokens = form_urlencoded::parse(body).filter(|(k, _)| k == FORM_FIELD);
-    let token = match (tokens.next(), tokens.next()) {
-        (Some((_, t)), None) => t,
-        (None, _) => {
-            return invalid(
-                Status::InvalidToken,
-                String::new(),
-                None,
-                format!("form field {FORM_FIELD} missing"),
-            )
-        }
-        (Some(_), Some(_)) => {
-            return invalid(
-                Status::InvalidToken,
-                String::new(),
-                None,
-                format!("form field {FORM_FIELD} given more than once"),
-            )
-        }
-    };
-    let claims = match protocol::verify_token(&token, &rt.node_verifier, protocol::now_secs()) {
-        Ok(c) => c,
-        Err(e) => return invalid(Status::InvalidToken, String::new(), None, e.to_string()),
-    };
-    let package = match protocol::decode_package(&claims.package_data) {
-        Ok(p) => p,
-        Err(e) => return invalid(Status::InvalidRequest, String::new(), None, e.to_string()),
-    };
-    let request = match CallbackRequest::parse(&package) {
-        Ok(r) => r,
+    match (tokens.next(), tokens.next()) {
+        (Some((_, t)), None) => Ok(t),
+        (None, _) => Err(format!("form field {FORM_FIELD} missing")),
+        (Some(_), Some(_)) => Err(format!("form field {FORM_FIELD} given more than once")),
+    }
+}
+
+/// The node's token checked and its payload parsed. Only the payload outlives this: the body,
+/// token and claims are dropped before the (possibly long) wait for the downstreams.
+fn parse_request(rt: &Runtime, body: Bytes) -> Result<(CallbackRequest, Vec<u8>), Answer> {
+    let token =
+        form_token(&body).map_err(|e| invalid(Status::InvalidToken, String::new(), None, e))?;
+    let claims = protocol::verify_token(&token, &rt.node_verifier, protocol::now_secs())
+        .map_err(|e| invalid(Status::InvalidToken, String::new(), None, e.to_string()))?;
+    let package = protocol::decode_package(&claims.package_data)
+        .map_err(|e| invalid(Status::InvalidRequest, String::new(), None, e.to_string()))?;
+    match CallbackRequest::parse(&package) {
+        Ok(request) => Ok((request, package)),
         Err(e) => {
             let (id, code) = salvage_ids(&package);
-            return invalid(Status::InvalidRequest, id, code, e.to_string());
+            Err(invalid(Status::InvalidRequest, id, code, e.to_string()))
         }
-    };
+    }
+}
 
+/// Token, payload, rules, fan-out: the decision table of CONTRACT.md section 6, in its order.
+async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: Instant) -> Answer {
+    let (request, package) = match parse_request(rt, body) {
+        Ok(parsed) => parsed,
+        Err(answer) => return answer,
+    };
     let code = request.request_type;
+    let request_id = request.request_id.clone();
+    let digest = dedup::digest(&package);
     let ttl = Duration::from_secs(rt.config.token_expire_minutes * 60);
     let lookup = shared
         .dedup
         .run(
-            &request.request_id,
-            dedup::digest(&package),
+            &request_id,
+            digest,
             ttl,
             // Approvals and status-0 rejections are final; a status-30 failure may be retried.
             |e: &Arc<Evaluation>| e.decision.status == Status::Ok,
-            || async { Arc::new(evaluate(shared, rt, &request, &package, deadline).await) },
+            // The request and payload move in, so they are freed once the downstreams' token
+            // is signed, not when the answer goes out.
+            move || async move { Arc::new(evaluate(shared, rt, request, package, deadline).await) },
         )
         .await;
     match lookup {
         Lookup::Conflict => {
             tracing::warn!(
-                request_id = %crate::client::snippet(&request.request_id),
+                request_id = %crate::client::snippet(&request_id),
                 "suspicious: request_id already used with a different payload"
             );
             invalid(
                 Status::InvalidRequest,
-                request.request_id,
+                request_id,
                 Some(code),
                 "request_id was already used with a different payload".into(),
             )
         }
         Lookup::Done { value, shared } => Answer {
-            request_id: request.request_id,
+            request_id,
             code: Some(code),
             decision: value.decision.clone(),
             embedded: value.embedded.clone(),
@@ -272,8 +284,8 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: &[u8], deadline: In
 async fn evaluate(
     shared: &Shared,
     rt: &Runtime,
-    request: &CallbackRequest,
-    package: &[u8],
+    request: CallbackRequest,
+    package: Vec<u8>,
     deadline: Instant,
 ) -> Evaluation {
     let code = request.request_type;
@@ -285,6 +297,7 @@ async fn evaluate(
         RuleVerdict::Pass => "pass".to_owned(),
         RuleVerdict::Reject(rule) => format!("reject: {rule}"),
     };
+    let CallbackRequest { request_id, .. } = request;
     let (decision, verdicts) = if matches!(rules, RuleVerdict::Reject(_)) {
         shared
             .metrics
@@ -293,16 +306,7 @@ async fn evaluate(
             .inc();
         (decide(&rules, &[]), Vec::new())
     } else {
-        ask_downstreams(
-            shared,
-            rt,
-            &rules,
-            kind,
-            &request.request_id,
-            package,
-            deadline,
-        )
-        .await
+        ask_downstreams(shared, rt, &rules, kind, request_id, package, deadline).await
     };
     Evaluation {
         decision,
@@ -318,8 +322,8 @@ async fn ask_downstreams(
     rt: &Runtime,
     rules: &RuleVerdict,
     kind: Option<RequestType>,
-    request_id: &str,
-    package: &[u8],
+    request_id: String,
+    package: Vec<u8>,
     deadline: Instant,
 ) -> (Decision, Vec<Verdict>) {
     let mut servers = rt.subscribers(kind).peekable();
@@ -329,10 +333,11 @@ async fn ask_downstreams(
     // One signature for all downstreams: they all get the node's exact bytes.
     let form = crate::client::form_body(&protocol::sign_token(
         &rt.signer,
-        package,
+        &package,
         &rt.config.service_name,
         rt.config.token_expire_minutes as i64 * 60,
     ));
+    drop(package);
     let (mut verdicts, shadows) = fanout::fan_out(
         servers,
         form,
@@ -417,4 +422,59 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         )],
         shared.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the general form parser makes of `body`.
+    fn parsed(body: &[u8]) -> Result<String, String> {
+        let mut tokens = form_urlencoded::parse(body).filter(|(k, _)| k == FORM_FIELD);
+        match (tokens.next(), tokens.next()) {
+            (Some((_, t)), None) => Ok(t.into_owned()),
+            (None, _) => Err(format!("form field {FORM_FIELD} missing")),
+            (Some(_), Some(_)) => Err(format!("form field {FORM_FIELD} given more than once")),
+        }
+    }
+
+    #[test]
+    fn form_token_reads_what_the_form_parser_reads() {
+        let cases: &[&[u8]] = &[
+            b"TSS_JWT_MSG=eyJh.eyJw.c2ln",
+            b"TSS_JWT_MSG=",
+            b"TSS_JWT_MSG=a%2Eb",
+            b"TSS_JWT_MSG=a+b",
+            b"TSS_JWT_MSG=a&TSS_JWT_MSG=b",
+            b"TSS_JWT_MSG=a&other=1",
+            b"other=1&TSS_JWT_MSG=a",
+            b"TSS_JWT_MSGX=a",
+            b"TSS_JWT_MSG",
+            b"TSS_JWT_MSG=a=b",
+            b"TSS_JWT_MSG=\xff\xfe",
+            b"",
+        ];
+        for body in cases {
+            assert_eq!(
+                form_token(body).map(Cow::into_owned),
+                parsed(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(matches!(
+            form_token(b"TSS_JWT_MSG=eyJh.eyJw.c2ln"),
+            Ok(Cow::Borrowed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn form_token_matches_the_form_parser(tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut body = b"TSS_JWT_MSG=".to_vec();
+            body.extend_from_slice(&tail);
+            prop_assert_eq!(form_token(&body).map(Cow::into_owned), parsed(&body));
+        }
+    }
 }
