@@ -217,18 +217,23 @@ fn form_token(body: &[u8]) -> Result<Cow<'_, str>, String> {
 
 /// The node's token checked and its payload parsed. Only the payload outlives this: the body,
 /// token and claims are dropped before the (possibly long) wait for the downstreams.
-fn parse_request(rt: &Runtime, body: Bytes) -> Result<(CallbackRequest, Vec<u8>), Answer> {
-    let token =
-        form_token(&body).map_err(|e| invalid(Status::InvalidToken, String::new(), None, e))?;
+fn parse_request(rt: &Runtime, body: Bytes) -> Result<(CallbackRequest, Vec<u8>), Box<Answer>> {
+    let refuse = |status, error: String| Box::new(invalid(status, String::new(), None, error));
+    let token = form_token(&body).map_err(|e| refuse(Status::InvalidToken, e))?;
     let claims = protocol::verify_token(&token, &rt.node_verifier, protocol::now_secs())
-        .map_err(|e| invalid(Status::InvalidToken, String::new(), None, e.to_string()))?;
+        .map_err(|e| refuse(Status::InvalidToken, e.to_string()))?;
     let package = protocol::decode_package(&claims.package_data)
-        .map_err(|e| invalid(Status::InvalidRequest, String::new(), None, e.to_string()))?;
+        .map_err(|e| refuse(Status::InvalidRequest, e.to_string()))?;
     match CallbackRequest::parse(&package) {
         Ok(request) => Ok((request, package)),
         Err(e) => {
             let (id, code) = salvage_ids(&package);
-            Err(invalid(Status::InvalidRequest, id, code, e.to_string()))
+            Err(Box::new(invalid(
+                Status::InvalidRequest,
+                id,
+                code,
+                e.to_string(),
+            )))
         }
     }
 }
@@ -237,7 +242,7 @@ fn parse_request(rt: &Runtime, body: Bytes) -> Result<(CallbackRequest, Vec<u8>)
 async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: Instant) -> Answer {
     let (request, package) = match parse_request(rt, body) {
         Ok(parsed) => parsed,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     let code = request.request_type;
     let request_id = request.request_id.clone();
