@@ -96,7 +96,7 @@ fn presigned(s: &SampleServer, response: &CallbackResponse) -> Option<String> {
 
 /// Sleeps until `deadline` to within a fraction of a millisecond: tokio's timer wheel rounds up
 /// to whole milliseconds, so the last stretch is slept by a blocking thread.
-async fn sleep_until(deadline: Instant) {
+pub async fn sleep_until(deadline: Instant) {
     const SLACK: Duration = Duration::from_millis(2);
     if let Some(coarse) = deadline.checked_sub(SLACK) {
         tokio::time::sleep_until(coarse.into()).await;

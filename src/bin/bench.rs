@@ -87,7 +87,20 @@ struct Setup {
 }
 
 impl Drop for Setup {
+    /// SIGTERM first, to the gateway under a BENCH_WRAP profiler too (which then writes its
+    /// report), SIGKILL after 5 s.
     fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("pkill").args(["-TERM", "-P", &pid]).status();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -223,7 +236,7 @@ async fn open_loop(
         let due = start + interval * i as u32;
         let (c, url, key) = (c.clone(), url.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(due.into()).await;
+            sample_server::sleep_until(due).await;
             let ok = one(&c, &url, &token, &id, &key).await;
             (due.elapsed().as_secs_f64() * 1000.0, ok)
         }));
@@ -489,27 +502,35 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
         )
         .await;
         let count = if quick { 1024 } else { 4096 };
-        let before = proc_stats(s.child.id()).0;
-        let r = closed_loop(
-            &s.url,
-            &k.gateway_pub,
-            presign(&k, &format!("b{n}"), count),
-            conc(),
-        )
-        .await;
+        // Three rounds; the one with the median CPU per request is reported (the machine is
+        // shared with the client and the downstreams, so single rounds vary by ~10%).
+        let mut rounds = Vec::new();
+        for round in 0..3 {
+            let tokens = presign(&k, &format!("b{n}-{round}"), count);
+            let before = proc_stats(s.child.id()).0;
+            let r = closed_loop(&s.url, &k.gateway_pub, tokens, conc()).await;
+            rounds.push(measured(
+                &format!("B closed loop c={}", conc()),
+                n,
+                0,
+                &r,
+                Some((before, s.child.id())),
+                String::new(),
+            ));
+        }
+        rounds.sort_by(|a, b| a.cpu_us.unwrap_or(0.0).total_cmp(&b.cpu_us.unwrap_or(0.0)));
+        let spread = format!(
+            "rounds {:.0}–{:.0} µs",
+            rounds[0].cpu_us.unwrap_or(f64::NAN),
+            rounds[2].cpu_us.unwrap_or(f64::NAN)
+        );
+        let mut row = rounds.swap_remove(1);
         let (floor, max_rps) = if n == 5 {
             (floor5, rate5)
         } else {
             (floor1, rate1)
         };
-        let mut row = measured(
-            &format!("B closed loop c=32 (floor {floor:.0} µs)"),
-            n,
-            0,
-            &r,
-            Some((before, s.child.id())),
-            String::new(),
-        );
+        row.scenario = format!("{} (floor {floor:.0} µs)", row.scenario);
         let cpu = row.cpu_us.unwrap_or(f64::NAN);
         // The downstreams and the client share the two cores, so the measured rate is the
         // machine's; the gateway's own CPU per request says what rate it alone would allow.
@@ -520,14 +541,14 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
             mark(gateway_rps >= 0.8 * max_rps),
             cpu / floor,
             mark(cpu <= 1.25 * floor)
-        );
+        ) + &format!(" ({spread})");
         rows.push(row);
         if n == 1 {
             // (a) a client calling the one downstream directly, same load.
             let tokens = presign_downstream(&k, count);
             let r = closed_loop(&s.downstream_urls[0], &s.downstream_pub, tokens, 32).await;
             rows.push(measured(
-                "(a) direct to 1 server c=32",
+                &format!("(a) direct to 1 server c={}", conc()),
                 1,
                 0,
                 &r,
@@ -538,11 +559,7 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
     }
 
     // (C) 1,000 requests in flight.
-    if on("C") {
-        let n: usize = std::env::var("BENCH_C_SERVERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5);
+    for n in [5usize, 1].into_iter().filter(|_| on("C")) {
         let s = setup(&k, n, Duration::from_millis(2000), false, 5000).await;
         let before = proc_stats(s.child.id()).0;
         let tokens = presign(&k, "c", 1000);
