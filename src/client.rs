@@ -66,8 +66,8 @@ pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
 /// by every downstream call.
 pub fn form_body(token: &str) -> Bytes {
     // A JWT is base64url and dots: nothing in it needs escaping, so skip the byte-by-byte encoder.
-    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*');
-    if token.bytes().all(|b| plain(&b)) {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*');
+    if token.bytes().all(plain) {
         let mut body = Vec::with_capacity(FORM_FIELD.len() + 1 + token.len());
         body.extend_from_slice(FORM_FIELD.as_bytes());
         body.push(b'=');
