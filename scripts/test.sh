@@ -49,6 +49,13 @@ log "cargo test --release"
 cargo build --release --locked
 cargo test --release --locked
 
+# --- The README's first command, exactly as a new user types it
+log "cargo run --release -- demo"
+demo=$(cargo run --release --locked -- demo 2>&1) || { printf '%s\n' "$demo"; exit 1; }
+for expect in APPROVE REJECT; do
+  grep -q "$expect" <<<"$demo" || { printf '%s\n' "$demo"; echo "demo output lacks $expect" >&2; exit 1; }
+done
+
 # --- Python: Cobo SDK callback servers and TSS Node client; real Prometheus
 export GATEWAY_BIN=$PWD/target/release/tss-callback-gateway
 suites=()
