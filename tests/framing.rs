@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// What the raw server does after writing an answer.
 #[derive(Clone, Copy)]
-enum After {
+enum Then {
     KeepOpen,
     Close,
     CloseAfter(Duration),
@@ -68,7 +68,7 @@ fn token_with_key(json: &[u8]) -> String {
 
 /// A raw callback server answering every request with `frame(token)` bytes, then `after`.
 /// Returns its URL and its count of accepted connections.
-async fn raw_server(frame: fn(&str) -> Vec<u8>, after: After) -> (String, Arc<AtomicUsize>) {
+async fn raw_server(frame: fn(&str) -> Vec<u8>, after: Then) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -87,9 +87,9 @@ async fn raw_server(frame: fn(&str) -> Vec<u8>, after: After) -> (String, Arc<At
                         return;
                     }
                     match after {
-                        After::KeepOpen => {}
-                        After::Close => return,
-                        After::CloseAfter(d) => {
+                        Then::KeepOpen => {}
+                        Then::Close => return,
+                        Then::CloseAfter(d) => {
                             tokio::time::sleep(d).await;
                             return;
                         }
@@ -141,7 +141,7 @@ async fn chunked_answers_with_extensions_and_trailers_are_read() {
         )
         .into_bytes()
     }
-    let (url, conns) = raw_server(frame, After::KeepOpen).await;
+    let (url, conns) = raw_server(frame, Then::KeepOpen).await;
     let (gw, _named) = gateway_for(&url).await;
     for i in 0..3 {
         approved(&gw, &format!("chunked-{i}")).await;
@@ -158,7 +158,7 @@ async fn close_delimited_answers_are_read_to_the_end() {
     fn frame(token: &str) -> Vec<u8> {
         format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{token}").into_bytes()
     }
-    let (url, conns) = raw_server(frame, After::Close).await;
+    let (url, conns) = raw_server(frame, Then::Close).await;
     let (gw, _named) = gateway_for(&url).await;
     approved(&gw, "close-1").await;
     approved(&gw, "close-2").await;
@@ -170,7 +170,7 @@ async fn http_1_0_answers_without_keep_alive_are_read() {
     fn frame(token: &str) -> Vec<u8> {
         format!("HTTP/1.0 200 OK\r\n\r\n{token}").into_bytes()
     }
-    let (url, _) = raw_server(frame, After::Close).await;
+    let (url, _) = raw_server(frame, Then::Close).await;
     let (gw, _named) = gateway_for(&url).await;
     approved(&gw, "http10").await;
 }
@@ -182,7 +182,7 @@ async fn an_interim_100_continue_is_skipped() {
         v.extend(with_length(token));
         v
     }
-    let (url, _) = raw_server(frame, After::KeepOpen).await;
+    let (url, _) = raw_server(frame, Then::KeepOpen).await;
     let (gw, _named) = gateway_for(&url).await;
     approved(&gw, "continue").await;
 }
@@ -190,7 +190,7 @@ async fn an_interim_100_continue_is_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_the_server_closed_while_idle_is_replaced() {
     // The server promises keep-alive but closes each connection 50 ms after answering.
-    let (url, conns) = raw_server(with_length, After::CloseAfter(Duration::from_millis(50))).await;
+    let (url, conns) = raw_server(with_length, Then::CloseAfter(Duration::from_millis(50))).await;
     let (gw, _named) = gateway_for(&url).await;
     approved(&gw, "stale-1").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -207,7 +207,7 @@ async fn bytes_after_the_answer_are_not_taken_as_the_next_answer() {
         v.extend(with_length(token));
         v
     }
-    let (url, conns) = raw_server(frame, After::KeepOpen).await;
+    let (url, conns) = raw_server(frame, Then::KeepOpen).await;
     let (gw, _named) = gateway_for(&url).await;
     approved(&gw, "extra-1").await;
     approved(&gw, "extra-2").await;
@@ -241,7 +241,7 @@ async fn broken_framing_is_never_an_approval() {
         ("chunk-size", bad_chunk_size),
         ("short-chunk", short_chunk),
     ] {
-        let (url, _) = raw_server(frame, After::Close).await;
+        let (url, _) = raw_server(frame, Then::Close).await;
         let (gw, _named) = gateway_for(&url).await;
         refused(&gw, &format!("broken-{name}")).await;
     }
