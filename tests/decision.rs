@@ -341,8 +341,7 @@ async fn shadow_servers_are_called_but_never_decide_or_delay() {
         gw.metric(r#"tss_gateway_callback_servers{mode="shadow"}"#),
         1.0
     );
-    let audit = std::fs::read_to_string(gw.dir.path().join("audit.jsonl")).unwrap();
-    let line: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    let line = &gw.audit_records()[0];
     let shadow = &line["servers"]
         .as_array()
         .unwrap()

@@ -25,18 +25,10 @@ enum Then {
 async fn read_request(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Vec<u8>> {
     let mut buf = [0u8; 8192];
     loop {
-        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..i]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if pending.len() >= i + 4 + len {
-                let body = pending[i + 4..i + 4 + len].to_vec();
-                pending.drain(..i + 4 + len);
-                return Some(body);
-            }
+        if let Some((start, end)) = complete_request(pending) {
+            let body = pending[start..end].to_vec();
+            pending.drain(..end);
+            return Some(body);
         }
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => return None,
@@ -47,11 +39,11 @@ async fn read_request(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Vec<u8
 
 /// A signed approval of the request in `form` (the gateway's token), by server key 0.
 fn approval(form: &[u8]) -> String {
-    let token = form_urlencoded::parse(form)
+    let sent = form_urlencoded::parse(form)
         .find(|(k, _)| k == "TSS_JWT_MSG")
         .map(|(_, v)| v.into_owned())
         .expect("the gateway sent TSS_JWT_MSG");
-    let payload = open(&token, &keys().gateway.decoding()).expect("the gateway's token verifies");
+    let payload = open(&sent, &keys().gateway.decoding()).expect("the gateway's token verifies");
     let answer = CallbackResponse {
         request_id: request_id_of(&payload),
         status: 0,
@@ -59,11 +51,7 @@ fn approval(form: &[u8]) -> String {
         error: String::new(),
     };
     let json = serde_json::to_vec(&answer).unwrap();
-    token_with_key(&json)
-}
-
-fn token_with_key(json: &[u8]) -> String {
-    token(&keys().servers[0].encoding(), json, "framing")
+    token(&keys().servers[0].encoding(), &json, "framing")
 }
 
 /// A raw callback server answering every request with `frame(token)` bytes, then `after`.

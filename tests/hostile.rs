@@ -32,16 +32,8 @@ async fn read_request(s: &mut TcpStream) -> bool {
             Ok(0) | Err(_) => return false,
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
-        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&seen[..i]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if seen.len() >= i + 4 + len {
-                return true;
-            }
+        if complete_request(&seen).is_some() {
+            return true;
         }
     }
 }

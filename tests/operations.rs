@@ -257,12 +257,7 @@ async fn hot_reload_under_load_drops_nothing() {
     );
     // Every call b got belongs to a request that ran on a generation that had b, and none that
     // ran on a later one asked it (counted from the audit log, not from wall-clock time).
-    let records: Vec<serde_json::Value> =
-        std::fs::read_to_string(gw.dir.path().join("audit.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let records = gw.audit_records();
     let asked_b = |r: &serde_json::Value| {
         r["servers"]
             .as_array()

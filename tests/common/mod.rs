@@ -184,6 +184,19 @@ pub struct CallbackResponse {
 
 // === requests ===
 
+/// For raw test peers: once `buf` holds a whole HTTP request (head and Content-Length body),
+/// where its body starts and where the request ends.
+pub fn complete_request(buf: &[u8]) -> Option<(usize, usize)> {
+    let i = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (buf.len() >= i + 4 + len).then_some((i + 4, i + 4 + len))
+}
+
 pub fn sample(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/samples/{name}.json")))
         .unwrap()
@@ -679,6 +692,15 @@ impl Gateway {
 
     pub fn generation(&self) -> u64 {
         self.shared.runtime.load().generation
+    }
+
+    /// The records of an `audit_log: audit.jsonl` in the gateway's folder, in order.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// A counter or gauge value from `/metrics` text, by full series name with labels.
