@@ -74,6 +74,10 @@ pub struct Config {
     pub service_name: String,
     pub tss_node_public_key: PathBuf,
     pub gateway_private_key: PathBuf,
+    /// Signs the requests forwarded to downstreams (which hold its public key); answers to the
+    /// node are signed with `gateway_private_key`, so neither token can stand in for the other.
+    #[serde(default)]
+    pub downstream_signing_key: Option<PathBuf>,
     #[serde(default = "default_token_expire_minutes")]
     pub token_expire_minutes: u64,
     #[serde(default = "default_deadline_ms")]
@@ -252,6 +256,9 @@ impl Config {
         };
         resolve(&mut self.tss_node_public_key);
         resolve(&mut self.gateway_private_key);
+        if let Some(p) = self.downstream_signing_key.as_mut() {
+            resolve(p);
+        }
         if let Some(p) = self.audit_log.as_mut() {
             resolve(p);
         }

@@ -69,7 +69,7 @@ impl Health {
             })
             .to_string();
             let form = crate::client::form_body(&protocol::sign_token(
-                &rt.signer,
+                rt.request_signer(),
                 payload.as_bytes(),
                 &rt.config.service_name,
                 expire,

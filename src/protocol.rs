@@ -108,6 +108,8 @@ pub enum PayloadError {
     Json(String),
     #[error("request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")]
     RequestIdTooLong,
+    #[error("payload has a top-level {0:?} key: a CallbackRequest carries no status or action")]
+    ReservedKey(String),
 }
 
 /// The verified claims of a token.
@@ -259,8 +261,62 @@ impl CallbackRequest {
         if req.request_id.len() > MAX_REQUEST_ID_BYTES {
             return Err(PayloadError::RequestIdTooLong);
         }
+        // The gateway re-signs these bytes for the downstreams. With a `status` or `action` in
+        // them, that token would read as a CallbackResponse (a Go client matches field names
+        // case-insensitively), so the gateway would be signing approvals on request.
+        let keys: TopLevelKeys =
+            serde_json::from_slice(bytes).map_err(|e| PayloadError::Json(e.to_string()))?;
+        if let Some(key) = keys.0.into_iter().find(|k| is_response_field(k)) {
+            return Err(PayloadError::ReservedKey(client_snippet(&key)));
+        }
         Ok(req)
     }
+}
+
+/// The keys of a JSON object, values skipped.
+struct TopLevelKeys(Vec<String>);
+
+impl<'de> Deserialize<'de> for TopLevelKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = TopLevelKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopLevelKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(TopLevelKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// True for a key Go's `encoding/json` would read into a CallbackResponse's `status` or `action`:
+/// it matches names under Unicode simple case folding, where `ſ` (U+017F) is an `s` and `K`
+/// (U+212A, Kelvin) a `k`.
+fn is_response_field(key: &str) -> bool {
+    let folded: String = key
+        .chars()
+        .map(|c| match c {
+            '\u{017F}' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    folded == "status" || folded == "action"
+}
+
+fn client_snippet(text: &str) -> String {
+    text.chars().take(32).collect()
 }
 
 /// Names the required field that is missing or of the wrong type, for a clearer status-10 error
@@ -475,6 +531,40 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(CallbackRequest::parse(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_payload_with_a_status_or_action_key_is_refused() {
+        for key in [
+            "status",
+            "action",
+            "Status",
+            "ACTION",
+            "aCtIoN",
+            "\u{017F}tatus",
+            "\\u0073tatus",
+        ] {
+            let payload = format!(r#"{{"request_id":"r","request_type":2,"{key}":0}}"#);
+            assert!(
+                matches!(
+                    CallbackRequest::parse(payload.as_bytes()),
+                    Err(PayloadError::ReservedKey(_))
+                ),
+                "{payload}"
+            );
+        }
+        for key in ["statuses", "actions", "extra_status", "stat"] {
+            let payload = format!(r#"{{"request_id":"r","request_type":2,"{key}":0}}"#);
+            assert!(
+                CallbackRequest::parse(payload.as_bytes()).is_ok(),
+                "{payload}"
+            );
+        }
+        // Nested keys are the request's own business.
+        assert!(CallbackRequest::parse(
+            br#"{"request_id":"r","request_type":2,"request_detail":"{\"status\":0}","x":{"action":"APPROVE"}}"#
+        )
+        .is_ok());
     }
 
     #[test]

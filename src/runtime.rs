@@ -28,7 +28,10 @@ pub struct Runtime {
     pub path: PathBuf,
     pub config: Config,
     pub generation: u64,
+    /// Signs the answers to the TSS Node (`gateway_private_key`).
     pub signer: Signer,
+    /// Signs the requests to the downstreams (`downstream_signing_key`), when it is set.
+    downstream_signer: Option<Signer>,
     pub node_verifier: Verifier,
     pub downstreams: Vec<Arc<Downstream>>,
     /// Set when the config has `tls:`; each new connection uses the current generation's.
@@ -78,6 +81,10 @@ impl Runtime {
         };
         let signer = Signer::load(&config.gateway_private_key)
             .map_err(key_err("gateway_private_key".into()))?;
+        let downstream_signer = match &config.downstream_signing_key {
+            Some(p) => Some(Signer::load(p).map_err(key_err("downstream_signing_key".into()))?),
+            None => None,
+        };
         let node_verifier = Verifier::load(&config.tss_node_public_key)
             .map_err(key_err("tss_node_public_key".into()))?;
         let mut downstreams = Vec::with_capacity(config.callback_servers.len());
@@ -129,9 +136,16 @@ impl Runtime {
             config,
             generation,
             signer,
+            downstream_signer,
             node_verifier,
             downstreams,
         })
+    }
+
+    /// The key that signs requests to the downstreams: `downstream_signing_key`, else
+    /// `gateway_private_key`.
+    pub fn request_signer(&self) -> &Signer {
+        self.downstream_signer.as_ref().unwrap_or(&self.signer)
     }
 
     /// The servers a request of type `kind` goes to (`None`: a type no server subscribes to).
@@ -159,6 +173,15 @@ impl Runtime {
             c.token_expire_minutes,
             rules
         );
+        let request_key = c
+            .downstream_signing_key
+            .as_ref()
+            .unwrap_or(&c.gateway_private_key);
+        out.push_str(&format!(
+            "  answers signed with {}  requests to downstreams signed with {}\n",
+            c.gateway_private_key.display(),
+            request_key.display()
+        ));
         for d in &self.downstreams {
             let types: Vec<&str> = d
                 .config

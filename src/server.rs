@@ -337,7 +337,7 @@ async fn ask_downstreams(
     }
     // One signature for all downstreams: they all get the node's exact bytes.
     let form = crate::client::form_body(&protocol::sign_token(
-        &rt.signer,
+        rt.request_signer(),
         &package,
         &rt.config.service_name,
         rt.config.token_expire_minutes as i64 * 60,
