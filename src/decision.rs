@@ -5,6 +5,27 @@ use crate::fanout::{Outcome, Verdict};
 use crate::protocol::{Action, Status};
 use crate::rules::RuleVerdict;
 
+/// Longest error text kept per server (and for the gateway's own errors): in answers, in the
+/// audit log and in the duplicate memory. A downstream may send a 64 KiB answer; its `error` is
+/// not worth more than this anywhere.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// `text` cut to at most [`MAX_ERROR_BYTES`] (on a character boundary, marked with `…`), in an
+/// allocation of its own size.
+pub fn capped(text: &str) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + '…'.len_utf8());
+    out.push_str(&text[..end]);
+    out.push('…');
+    out
+}
+
 /// The gateway's answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -16,7 +37,13 @@ pub struct Decision {
 // === impl Decision ===
 
 impl Decision {
+    /// A rejection; `error` is capped at [`MAX_ERROR_BYTES`].
     pub fn reject(status: Status, error: String) -> Decision {
+        let error = if error.len() > MAX_ERROR_BYTES {
+            capped(&error)
+        } else {
+            error
+        };
         Decision {
             status,
             action: Action::Reject,
@@ -63,12 +90,17 @@ pub fn decide(rules: &RuleVerdict, verdicts: &[Verdict]) -> Decision {
     if verdicts.iter().all(|v| v.outcome == Outcome::Approved) {
         return approve();
     }
+    // Each failing server gets its own capped share of the error.
     let failures: Vec<String> = verdicts
         .iter()
         .filter(|v| v.outcome.is_failure())
-        .map(|v| format!("{}: {}", v.server, v.detail))
+        .map(|v| capped(&format!("{}: {}", v.server, v.detail)))
         .collect();
-    Decision::reject(Status::InternalError, failures.join("; "))
+    Decision {
+        status: Status::InternalError,
+        action: Action::Reject,
+        error: failures.join("; "),
+    }
 }
 
 fn approve() -> Decision {
@@ -125,6 +157,26 @@ mod tests {
                 "{rules:?} {verdicts:?}"
             );
         }
+    }
+
+    #[test]
+    fn error_texts_are_capped_per_server() {
+        use Outcome::*;
+        let long = "é".repeat(40_000);
+        let d = decide(&RuleVerdict::Pass, &[v("a", Rejected, &long)]);
+        assert!(d.error.len() <= MAX_ERROR_BYTES, "{}", d.error.len());
+        assert!(d.error.starts_with("a: éé") && d.error.ends_with('…'));
+        let d = decide(
+            &RuleVerdict::Off,
+            &[v("a", Timeout, &long), v("b", BadResponse, &long)],
+        );
+        assert_eq!(d.status, Status::InternalError);
+        let parts: Vec<&str> = d.error.split("; ").collect();
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.len() <= MAX_ERROR_BYTES));
+        assert!(parts[1].starts_with("b: "));
+        assert_eq!(capped("short"), "short");
+        assert!(Decision::reject(Status::InvalidToken, long).error.len() <= MAX_ERROR_BYTES);
     }
 
     /// Fail closed: over every combination of outcomes for three servers, APPROVE appears only

@@ -1,14 +1,22 @@
 //! Duplicate-safe retries. A TSS Node retries a request it got no answer to; the retry must not
 //! ask every downstream again, and must never get a different decision.
 //!
-//! Guarantees: concurrent requests with the same `request_id` and identical payload share one
-//! evaluation; a definitive decision (approved, or rejected with status 0) is returned to
-//! identical retries until it expires; status-30 failures are forgotten at once so a retry asks
-//! again; the same `request_id` with a different payload is reported as a conflict. Memory is
-//! bounded by `capacity` entries; when full of live entries, new requests are evaluated without
-//! being remembered (correct, just not deduplicated).
+//! Guarantees:
+//! - concurrent requests with the same `request_id`, identical payload and the same config
+//!   generation share one evaluation; a definitive decision (approved, or rejected with status 0)
+//!   is returned to identical retries of that generation until it expires;
+//! - nothing of an older generation is reused: after a reload a retry is evaluated afresh (an
+//!   emergency stop takes effect at once);
+//! - status-30 failures are forgotten at once, so a retry asks again;
+//! - the same `request_id` with a different payload is reported as a conflict;
+//! - every entry ends: it expires, is forgotten when its evaluation fails, or is removed when
+//!   every caller waiting for it has gone (a node that hung up mid-decision);
+//! - memory is bounded both in entries (`capacity`) and in bytes (`max_bytes`, counted from each
+//!   value's [`Footprint`]); expired entries are dropped as time passes, not only when full. A
+//!   request that would not fit is evaluated without being remembered (correct, just not
+//!   deduplicated).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +24,18 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-/// Entries kept at most; a full evaluation result is small (a few hundred bytes).
+/// Entries kept at most.
 pub const DEFAULT_CAPACITY: usize = 20_000;
+/// Bytes kept at most, keys and values together (see [`Footprint`]).
+pub const DEFAULT_MAX_BYTES: usize = 32 << 20;
+/// What one entry costs besides its key and value: the map slot, the entry, its cell and its
+/// place in the expiry index.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// The heap and inline bytes a remembered value holds.
+pub trait Footprint {
+    fn footprint(&self) -> usize;
+}
 
 /// What the cache says about one request.
 pub enum Lookup<T> {
@@ -30,22 +48,43 @@ pub enum Lookup<T> {
 
 struct Entry<T> {
     digest: [u8; 32],
+    generation: u64,
     cell: Arc<OnceCell<T>>,
     /// Set once the value is known and definitive.
     expires: Option<Instant>,
+    /// This entry's share of [`Inner::bytes`].
+    bytes: usize,
+    /// Tells this entry from a later one under the same `request_id` in the expiry index.
+    id: u64,
+}
+
+struct Inner<T> {
+    entries: HashMap<String, Entry<T>>,
+    /// Definitive entries by expiry time, so expired ones are dropped oldest first.
+    expiry: BTreeMap<(Instant, u64), String>,
+    bytes: usize,
+    next_id: u64,
 }
 
 enum Claim<T> {
     Conflict,
-    /// Full of live entries: evaluate without remembering.
-    Full,
+    /// No room, or a newer generation already owns the id: evaluate without remembering.
+    Alone,
     Cell(Arc<OnceCell<T>>),
 }
 
 /// Remembers evaluations by `request_id`.
 pub struct Dedup<T> {
-    entries: Mutex<HashMap<String, Entry<T>>>,
+    inner: Mutex<Inner<T>>,
     capacity: usize,
+    max_bytes: usize,
+}
+
+/// Removes a pending entry when the last caller waiting for it goes away mid-evaluation.
+struct Abandon<'a, T> {
+    dedup: &'a Dedup<T>,
+    request_id: &'a str,
+    cell: &'a Arc<OnceCell<T>>,
 }
 
 /// SHA-256 of a payload.
@@ -56,35 +95,78 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-// === impl Dedup ===
+fn key_bytes(request_id: &str) -> usize {
+    // The key is held twice: in the map and in the expiry index.
+    2 * request_id.len() + ENTRY_OVERHEAD
+}
 
-impl<T: Clone> Dedup<T> {
-    pub fn new(capacity: usize) -> Self {
-        Dedup {
-            entries: Mutex::new(HashMap::new()),
-            capacity,
+// === impl Inner ===
+
+impl<T> Inner<T> {
+    fn remove(&mut self, request_id: &str) {
+        if let Some(e) = self.entries.remove(request_id) {
+            self.bytes -= e.bytes;
+            if let Some(t) = e.expires {
+                self.expiry.remove(&(t, e.id));
+            }
         }
     }
 
+    /// Drops every entry whose time is up.
+    fn evict_expired(&mut self, now: Instant) {
+        while let Some(entry) = self.expiry.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let request_id = entry.remove();
+            self.remove(&request_id);
+        }
+    }
+}
+
+// === impl Dedup ===
+
+impl<T: Clone + Footprint> Dedup<T> {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+        Dedup {
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                expiry: BTreeMap::new(),
+                bytes: 0,
+                next_id: 0,
+            }),
+            capacity,
+            max_bytes,
+        }
+    }
+
+    /// Entries held, pending or remembered.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry<T>>> {
-        // A panic while holding the lock cannot leave a map half-updated in a way that matters:
-        // at worst an entry is missing, which only costs deduplication.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    /// Bytes held, as counted against `max_bytes`.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
-    /// Evaluates `evaluate` once for all identical concurrent requests, or returns the
-    /// remembered value. `definitive` says whether a value may be remembered for `ttl`.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that matters:
+        // at worst an entry is missing, which only costs deduplication.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Evaluates `evaluate` once for all identical concurrent requests of one config
+    /// `generation`, or returns the remembered value. `definitive` says whether a value may be
+    /// remembered for `ttl`.
     pub async fn run<F, Fut>(
         &self,
         request_id: &str,
+        generation: u64,
         digest: [u8; 32],
         ttl: Duration,
         definitive: impl Fn(&T) -> bool,
@@ -94,9 +176,9 @@ impl<T: Clone> Dedup<T> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
-        let cell = match self.claim(request_id, digest) {
+        let cell = match self.claim(request_id, generation, digest) {
             Claim::Conflict => return Lookup::Conflict,
-            Claim::Full => {
+            Claim::Alone => {
                 return Lookup::Done {
                     value: evaluate().await,
                     shared: false,
@@ -105,7 +187,13 @@ impl<T: Clone> Dedup<T> {
             Claim::Cell(cell) => cell,
         };
         // Either this caller evaluates, or it waits for a twin that is evaluating (or has). If
-        // the twin's caller goes away mid-evaluation, a waiting caller evaluates instead.
+        // the twin's caller goes away mid-evaluation, a waiting caller evaluates instead; if
+        // every caller goes away, `abandon` removes the entry.
+        let abandon = Abandon {
+            dedup: self,
+            request_id,
+            cell: &cell,
+        };
         let mut ran = false;
         let value = cell
             .get_or_init(|| {
@@ -114,6 +202,7 @@ impl<T: Clone> Dedup<T> {
             })
             .await
             .clone();
+        std::mem::forget(abandon);
         if ran {
             self.settle(request_id, &cell, &value, ttl, &definitive);
         }
@@ -124,37 +213,48 @@ impl<T: Clone> Dedup<T> {
     }
 
     /// Finds or makes the cell for `request_id`.
-    fn claim(&self, request_id: &str, digest: [u8; 32]) -> Claim<T> {
+    fn claim(&self, request_id: &str, generation: u64, digest: [u8; 32]) -> Claim<T> {
         let now = Instant::now();
-        let mut entries = self.lock();
-        if let Some(e) = entries.get(request_id) {
-            if e.expires.is_some_and(|t| t <= now) {
-                entries.remove(request_id);
-            } else if e.digest != digest {
+        let mut inner = self.lock();
+        inner.evict_expired(now);
+        if let Some(e) = inner.entries.get(request_id) {
+            if e.digest != digest {
                 return Claim::Conflict;
-            } else {
+            }
+            if e.generation == generation {
                 return Claim::Cell(e.cell.clone());
             }
+            if e.generation > generation {
+                // This request arrived before a reload that a twin already runs under.
+                return Claim::Alone;
+            }
+            // An older generation's decision, remembered or in flight, is never reused. Its
+            // evaluation may still finish; `settle` then finds another cell and leaves it be.
+            inner.remove(request_id);
         }
-        if entries.len() >= self.capacity {
-            entries.retain(|_, e| e.expires.is_none_or(|t| t > now));
-        }
-        if entries.len() >= self.capacity {
-            return Claim::Full;
+        let bytes = key_bytes(request_id);
+        if inner.entries.len() >= self.capacity || inner.bytes + bytes > self.max_bytes {
+            return Claim::Alone;
         }
         let cell = Arc::new(OnceCell::new());
-        entries.insert(
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.bytes += bytes;
+        inner.entries.insert(
             request_id.to_owned(),
             Entry {
                 digest,
+                generation,
                 cell: cell.clone(),
                 expires: None,
+                bytes,
+                id,
             },
         );
         Claim::Cell(cell)
     }
 
-    /// Keeps a definitive value until `ttl` from now; forgets anything else.
+    /// Keeps a definitive value until `ttl` from now, if it fits; forgets anything else.
     fn settle(
         &self,
         request_id: &str,
@@ -163,18 +263,54 @@ impl<T: Clone> Dedup<T> {
         ttl: Duration,
         definitive: &impl Fn(&T) -> bool,
     ) {
-        let mut entries = self.lock();
-        let Some(e) = entries.get_mut(request_id) else {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.evict_expired(now);
+        let Some(e) = inner.entries.get(request_id) else {
             return;
         };
         if !Arc::ptr_eq(&e.cell, cell) {
             return;
         }
-        if definitive(value) {
-            e.expires = Some(Instant::now() + ttl);
-        } else {
-            entries.remove(request_id);
+        let weight = value.footprint();
+        if !definitive(value) || inner.bytes + weight > self.max_bytes {
+            inner.remove(request_id);
+            return;
         }
+        let expires = now + ttl;
+        let Some(e) = inner.entries.get_mut(request_id) else {
+            return;
+        };
+        e.expires = Some(expires);
+        e.bytes += weight;
+        let id = e.id;
+        inner.bytes += weight;
+        inner.expiry.insert((expires, id), request_id.to_owned());
+    }
+}
+
+impl<T> Dedup<T> {
+    /// Removes `cell`'s entry if it is still pending and no other caller holds it.
+    fn abandon(&self, request_id: &str, cell: &Arc<OnceCell<T>>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = inner.entries.get(request_id) else {
+            return;
+        };
+        // Callers take their clone of the cell under this lock, so the count is exact: the
+        // map's and the departing caller's.
+        if Arc::ptr_eq(&e.cell, cell) && cell.get().is_none() && Arc::strong_count(cell) <= 2 {
+            inner.remove(request_id);
+        }
+    }
+}
+
+// === impl Abandon ===
+
+impl<T> Drop for Abandon<'_, T> {
+    fn drop(&mut self) {
+        // Only reached when the caller's future is dropped mid-evaluation: on completion the
+        // guard is forgotten.
+        self.dedup.abandon(self.request_id, self.cell);
     }
 }
 
@@ -183,13 +319,26 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    impl Footprint for i64 {
+        fn footprint(&self) -> usize {
+            // Large enough for the byte bound to bite in tests.
+            if *self >= 1000 {
+                *self as usize
+            } else {
+                8
+            }
+        }
+    }
+
     fn definitive(v: &i64) -> bool {
         *v != 30
     }
 
+    const TTL: Duration = Duration::from_secs(60);
+
     #[tokio::test]
     async fn concurrent_twins_share_one_evaluation_and_failures_are_forgotten() {
-        let d = Dedup::<i64>::new(10);
+        let d = Dedup::<i64>::new(10, 1 << 20);
         let calls = AtomicUsize::new(0);
         let eval = |v: i64| {
             let calls = &calls;
@@ -199,10 +348,9 @@ mod tests {
                 v
             }
         };
-        let ttl = Duration::from_secs(60);
         let (a, b) = tokio::join!(
-            d.run("r1", digest(b"x"), ttl, definitive, eval(0)),
-            d.run("r1", digest(b"x"), ttl, definitive, eval(0))
+            d.run("r1", 1, digest(b"x"), TTL, definitive, eval(0)),
+            d.run("r1", 1, digest(b"x"), TTL, definitive, eval(0))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let shared: Vec<bool> = [a, b]
@@ -214,39 +362,137 @@ mod tests {
             .collect();
         assert_eq!(shared.iter().filter(|s| **s).count(), 1);
         // Remembered: a later identical retry is not evaluated again.
-        d.run("r1", digest(b"x"), ttl, definitive, eval(0)).await;
+        d.run("r1", 1, digest(b"x"), TTL, definitive, eval(0)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // A different payload under the same id is a conflict.
         assert!(matches!(
-            d.run("r1", digest(b"y"), ttl, definitive, eval(0)).await,
+            d.run("r1", 1, digest(b"y"), TTL, definitive, eval(0)).await,
             Lookup::Conflict
         ));
         // A failure is not remembered.
-        d.run("r2", digest(b"x"), ttl, definitive, eval(30)).await;
-        d.run("r2", digest(b"x"), ttl, definitive, eval(30)).await;
+        d.run("r2", 1, digest(b"x"), TTL, definitive, eval(30))
+            .await;
+        d.run("r2", 1, digest(b"x"), TTL, definitive, eval(30))
+            .await;
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(d.len(), 1);
     }
 
     #[tokio::test]
-    async fn memory_is_bounded_and_expired_entries_are_dropped() {
-        let d = Dedup::<i64>::new(3);
+    async fn a_newer_generation_never_reuses_an_older_ones_value() {
+        let d = Dedup::<i64>::new(10, 1 << 20);
+        d.run("r", 1, digest(b"x"), TTL, definitive, || async { 0 })
+            .await;
+        let Lookup::Done { value, shared } = d
+            .run("r", 2, digest(b"x"), TTL, definitive, || async { 7 })
+            .await
+        else {
+            panic!("conflict")
+        };
+        assert_eq!((value, shared), (7, false));
+        // And generation 2's value is what generation 2 retries get.
+        let Lookup::Done { value, shared } = d
+            .run("r", 2, digest(b"x"), TTL, definitive, || async { 9 })
+            .await
+        else {
+            panic!("conflict")
+        };
+        assert_eq!((value, shared), (7, true));
+        // A late request of generation 1 is evaluated alone, leaving generation 2's entry be.
+        let Lookup::Done { value, .. } = d
+            .run("r", 1, digest(b"x"), TTL, definitive, || async { 5 })
+            .await
+        else {
+            panic!("conflict")
+        };
+        assert_eq!(value, 5);
+        assert_eq!(d.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_evaluation_leaves_no_entry() {
+        let d = Dedup::<i64>::new(10, 1 << 20);
+        for i in 0..5 {
+            let id = format!("r{i}");
+            let run = d.run(&id, 1, digest(b"x"), TTL, definitive, || async {
+                std::future::pending::<i64>().await
+            });
+            // Polled once (entry made, evaluation started), then dropped.
+            assert!(tokio::time::timeout(Duration::from_millis(5), run)
+                .await
+                .is_err());
+        }
+        assert_eq!((d.len(), d.bytes()), (0, 0));
+        // A twin still waiting keeps the entry, and takes the evaluation over.
+        let first = d.run("t", 1, digest(b"x"), TTL, definitive, || async {
+            std::future::pending::<i64>().await
+        });
+        let second = d.run("t", 1, digest(b"x"), TTL, definitive, || async { 3 });
+        tokio::pin!(second);
+        tokio::select! {
+            biased;
+            _ = first => unreachable!(),
+            _ = &mut second => unreachable!("the first caller evaluates"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(d.len(), 1);
+        let Lookup::Done { value, shared } = second.await else {
+            panic!("conflict")
+        };
+        assert_eq!((value, shared), (3, false));
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_in_entries_and_bytes_and_expired_entries_go_continuously() {
+        let d = Dedup::<i64>::new(3, 1 << 20);
         let ttl = Duration::from_millis(20);
         for i in 0..10 {
-            d.run(&format!("r{i}"), digest(b"x"), ttl, definitive, || async {
-                0
-            })
+            d.run(
+                &format!("r{i}"),
+                1,
+                digest(b"x"),
+                ttl,
+                definitive,
+                || async { 0 },
+            )
             .await;
             assert!(d.len() <= 3);
         }
+        // Expired entries go at the next request even when the cache is far from full.
+        let d = Dedup::<i64>::new(1000, 1 << 20);
+        for i in 0..10 {
+            d.run(
+                &format!("r{i}"),
+                1,
+                digest(b"x"),
+                ttl,
+                definitive,
+                || async { 0 },
+            )
+            .await;
+        }
+        assert_eq!(d.len(), 10);
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let calls = AtomicUsize::new(0);
-        // Expired: evaluated again.
-        d.run("r9", digest(b"x"), ttl, definitive, || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            0
-        })
-        .await;
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        d.run("fresh", 1, digest(b"x"), TTL, definitive, || async { 0 })
+            .await;
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.bytes(), key_bytes("fresh") + 8);
+        // Bytes: values too large to fit are not remembered, and the total never exceeds the
+        // bound.
+        let max = 9_000;
+        let d = Dedup::<i64>::new(1000, max);
+        for i in 0..50 {
+            d.run(
+                &format!("b{i}"),
+                1,
+                digest(b"x"),
+                TTL,
+                definitive,
+                || async { 3000 },
+            )
+            .await;
+            assert!(d.bytes() <= max, "{}", d.bytes());
+        }
+        assert_eq!(d.len(), 2);
     }
 }

@@ -114,7 +114,14 @@ impl From<&CallError> for Outcome {
 // === impl Verdict ===
 
 impl Verdict {
+    /// `detail` is capped at [`crate::decision::MAX_ERROR_BYTES`]: a verbose server's text is
+    /// kept (in the answer, the audit log and the duplicate memory) only that far.
     fn new(ds: &Downstream, outcome: Outcome, duration: Duration, detail: String) -> Verdict {
+        let detail = if detail.len() > crate::decision::MAX_ERROR_BYTES {
+            crate::decision::capped(&detail)
+        } else {
+            detail
+        };
         Verdict {
             server: ds.name.clone(),
             mode: ds.mode,

@@ -60,7 +60,7 @@ impl Shared {
             audit: ArcSwapOption::new(audit),
             metrics,
             health: Health::default(),
-            dedup: dedup::Dedup::new(dedup::DEFAULT_CAPACITY),
+            dedup: dedup::Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
         };
         shared.set_config_gauges();
         Ok(Arc::new(shared))

@@ -41,6 +41,17 @@ pub struct Evaluation {
     verdicts: Vec<Verdict>,
 }
 
+impl dedup::Footprint for Arc<Evaluation> {
+    fn footprint(&self) -> usize {
+        let details: usize = self.verdicts.iter().map(|v| v.detail.capacity()).sum();
+        std::mem::size_of::<Evaluation>()
+            + self.verdicts.capacity() * std::mem::size_of::<Verdict>()
+            + details
+            + self.decision.error.capacity()
+            + self.embedded.capacity()
+    }
+}
+
 /// Decrements the in-flight gauge however the request ends (including a dropped connection).
 struct InFlight(prometheus::IntGauge);
 
@@ -252,6 +263,7 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: In
         .dedup
         .run(
             &request_id,
+            rt.generation,
             digest,
             ttl,
             // Approvals and status-0 rejections are final; a status-30 failure may be retried.

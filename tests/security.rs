@@ -156,3 +156,149 @@ async fn requests_to_downstreams_are_signed_with_the_downstream_signing_key() {
         .unwrap();
     assert_eq!(ready["servers"][0]["health"]["up"], true, "{ready}");
 }
+
+// === 2. abandoned requests ===
+
+fn node_form(payload: &[u8]) -> Vec<u8> {
+    let t = common::token(&keys().node.encoding(), payload, "tss-node");
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("TSS_JWT_MSG", &t)
+        .finish()
+        .into_bytes()
+}
+
+fn http_post(body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST /v2/check HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_leave_no_duplicate_memory_behind() {
+    use tokio::io::AsyncWriteExt;
+    let k = keys();
+    let slow = Downstream::start("slow", &k.servers[0], always(Answer::hang()), 0).await;
+    let gw = Gateway::start(&[entry(&slow, "timeout_ms: 5000")], "deadline_ms: 6000").await;
+    const N: usize = 30;
+    for i in 0..N {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let payload = request("key_sign", &format!("abandoned-{i}"));
+        s.write_all(&http_post(&node_form(&payload))).await.unwrap();
+        eventually("the request is forwarded", || slow.calls() == i + 1).await;
+        // The node gives up mid-decision.
+        drop(s);
+    }
+    eventually("nothing in flight", || {
+        gw.metric("tss_gateway_in_flight_requests") == 0.0
+    })
+    .await;
+    eventually("the duplicate memory empties", || {
+        gw.shared.dedup.is_empty()
+    })
+    .await;
+    assert_eq!(gw.shared.dedup.bytes(), 0);
+    // The same request_id with another payload is a new request, not a conflict with a ghost.
+    slow.set_script(always(Answer::approve()));
+    let other = request("key_gen", "abandoned-0");
+    send(&gw.url(), &other).await.expect(0, "APPROVE", &[]);
+}
+
+// === 3. error texts and the duplicate memory are bounded ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verbose_downstream_cannot_grow_answers_audit_or_memory() {
+    let k = keys();
+    // ~36 KB of error in a signed 0/REJECT, and again in a status-30 answer.
+    let essay = "x".repeat(36_000);
+    let verbose =
+        Downstream::start("verbose", &k.servers[0], always(Answer::reject(&essay)), 0).await;
+    let failing = Downstream::start(
+        "failing",
+        &k.servers[1],
+        always(Answer::signed(30, "REJECT", &essay)),
+        0,
+    )
+    .await;
+    let gw = Gateway::start(
+        &[
+            entry(&verbose, "request_types: [key_sign]"),
+            entry(&failing, "request_types: [key_gen]"),
+        ],
+        "audit_log: audit.jsonl",
+    )
+    .await;
+    const N: usize = 40;
+    for i in 0..N {
+        let r = send(&gw.url(), &request("key_sign", &format!("verbose-{i}"))).await;
+        r.expect(0, "REJECT", &["verbose: xxx"]);
+        assert!(r.response.error.len() <= 1024, "{}", r.response.error.len());
+    }
+    let r = send(&gw.url(), &request("key_gen", "failing")).await;
+    r.expect(30, "REJECT", &["failing: error_status"]);
+    assert!(r.response.error.len() <= 1024, "{}", r.response.error.len());
+    for rec in gw.audit_records() {
+        assert!(rec["error"].as_str().unwrap().len() <= 1024);
+        for s in rec["servers"].as_array().unwrap() {
+            assert!(s["detail"].as_str().unwrap().len() <= 1024, "{s}");
+        }
+    }
+    // Each remembered rejection costs a few KiB at most, not the 72 KB it was sent with.
+    assert_eq!(gw.shared.dedup.len(), N);
+    let per_entry = gw.shared.dedup.bytes() / N;
+    assert!(per_entry < 4096, "{per_entry} bytes per entry");
+}
+
+// === 6. an emergency stop is not outlived by remembered or shared decisions ===
+
+const REJECT_ALL: &str =
+    "embedded_risk_control_rules: { enable: true, key_sign: { reject_all: true } }";
+
+async fn reload_to(gw: &Gateway, servers: &[Entry<'_>], extra: &str) {
+    let before = gw.generation();
+    gw.write_config(&config_yaml(gw.addr, servers, extra));
+    tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
+    assert_eq!(gw.generation(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_emergency_stop_a_remembered_approval_is_not_reused() {
+    let k = keys();
+    let a = Downstream::start("a", &k.servers[0], always(Answer::approve()), 0).await;
+    let gw = Gateway::start(&[entry(&a, "")], "").await;
+    let payload = request("key_sign", "stop-remembered");
+    send(&gw.url(), &payload).await.expect(0, "APPROVE", &[]);
+    // Remembered: an identical retry is answered from memory.
+    send(&gw.url(), &payload).await.expect(0, "APPROVE", &[]);
+    assert_eq!(a.calls(), 1);
+    reload_to(&gw, &[entry(&a, "")], REJECT_ALL).await;
+    send(&gw.url(), &payload).await.expect(
+        0,
+        "REJECT",
+        &["embedded risk control: key_sign reject_all"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_emergency_stop_an_in_flight_evaluation_is_not_shared() {
+    let k = keys();
+    // Approves, but only after a while: the first request is still being decided at the reload.
+    let a = Downstream::start("a", &k.servers[0], always(Answer::approve().after(1500)), 0).await;
+    let gw = Gateway::start(&[entry(&a, "")], "").await;
+    let payload = request("key_sign", "stop-in-flight");
+    let url = gw.url();
+    let first = {
+        let (url, payload) = (url.clone(), payload.clone());
+        tokio::spawn(async move { send(&url, &payload).await })
+    };
+    eventually("the first request is forwarded", || a.calls() == 1).await;
+    reload_to(&gw, &[entry(&a, "")], REJECT_ALL).await;
+    let twin = send(&url, &payload).await;
+    twin.expect(0, "REJECT", &["embedded risk control: key_sign reject_all"]);
+    // The first request started before the reload and finishes on its own generation.
+    first.await.unwrap().expect(0, "APPROVE", &[]);
+    assert_eq!(a.calls(), 1);
+}
