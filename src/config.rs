@@ -214,11 +214,18 @@ impl From<TypeName> for RequestType {
 impl Config {
     /// Reads, parses and validates `path`. Keys are not loaded here; see [`crate::runtime`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_text(path).map(|(config, _)| config)
+    }
+
+    /// As [`Config::load`], also returning the text read: the file is read once, so what was
+    /// parsed is exactly what a reload fingerprints.
+    pub fn load_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        Ok((config, text))
     }
 
     /// Parses YAML `text` as if read from `path` (relative paths resolve against its folder).

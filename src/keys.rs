@@ -60,7 +60,15 @@ impl Signer {
     /// Loads a private key from a PKCS#8 (`BEGIN PRIVATE KEY`) or PKCS#1 (`BEGIN RSA PRIVATE KEY`)
     /// PEM file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let block = read_pem(path)?;
+        Signer::from_pem(path, &read(path)?)
+    }
+
+    /// Parses `bytes`, the content of the PEM file at `path` (named in errors).
+    pub fn from_pem(path: &Path, bytes: &[u8]) -> Result<Self, KeyError> {
+        let block = pem::parse(bytes).map_err(|e| KeyError::NotPem {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
         let key = match block.tag() {
             "PRIVATE KEY" => KeyPair::from_pkcs8(block.contents()),
             "RSA PRIVATE KEY" => KeyPair::from_der(block.contents()),
@@ -127,11 +135,12 @@ impl Verifier {
     /// PEM file. A file may hold several keys (old and new during a rotation); a signature by
     /// any of them verifies.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read(path).map_err(|source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let blocks = pem::parse_many(&text).map_err(|e| KeyError::NotPem {
+        Verifier::from_pem(path, &read(path)?)
+    }
+
+    /// Parses `text`, the content of the PEM file at `path` (named in errors).
+    pub fn from_pem(path: &Path, text: &[u8]) -> Result<Self, KeyError> {
+        let blocks = pem::parse_many(text).map_err(|e| KeyError::NotPem {
             path: path.to_owned(),
             detail: e.to_string(),
         })?;
@@ -175,14 +184,11 @@ impl fmt::Debug for Verifier {
     }
 }
 
-fn read_pem(path: &Path) -> Result<pem::Pem, KeyError> {
-    let text = fs::read(path).map_err(|source| KeyError::Read {
+/// The bytes of a key file.
+pub fn read(path: &Path) -> Result<Vec<u8>, KeyError> {
+    fs::read(path).map_err(|source| KeyError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    pem::parse(text).map_err(|e| KeyError::NotPem {
-        path: path.to_owned(),
-        detail: e.to_string(),
     })
 }
 

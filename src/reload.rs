@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Sources};
 use crate::Shared;
 
 /// File events closer together than this are one change (editors write in several steps).
@@ -113,9 +113,32 @@ fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
     files
 }
 
-/// The content of every watched file, to tell a real change from a touch or an unrelated event.
-fn fingerprint(files: &BTreeSet<PathBuf>) -> Vec<Option<Vec<u8>>> {
-    files.iter().map(|f| std::fs::read(f).ok()).collect()
+/// Reloads one generation after another while the files on disk differ from what the last one
+/// was loaded from (a write that landed mid-load), a few times at most; later writes are file
+/// events of their own. Returns the files to watch and what they held when last loaded.
+fn reload_until_current(shared: &Shared, path: &Path, reason: &str, before: &Sources) -> Sources {
+    let mut reason = reason;
+    for _ in 0..5 {
+        if reload(shared, path, reason).is_err() {
+            // Nothing was loaded. What the files held before this attempt is what counts as
+            // seen, so a fix written meanwhile is still a change; files the refused config newly
+            // names are taken as they are now.
+            let files = watched_files(path);
+            let now = Sources::on_disk(&files);
+            return Sources::from_iter(files.iter().map(|f| {
+                (
+                    f.clone(),
+                    before.get(f).unwrap_or_else(|| now.get(f).flatten()),
+                )
+            }));
+        }
+        let loaded = shared.runtime.load().sources.clone();
+        if Sources::on_disk(loaded.paths()) == loaded {
+            return loaded;
+        }
+        reason = "file changed while loading";
+    }
+    shared.runtime.load().sources.clone()
 }
 
 /// Reloads on SIGHUP and on changes to the config or its key files, until the process ends.
@@ -137,14 +160,15 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
                 None
             }
         };
-    let mut files = watched_files(&path);
+    // The running generation's sources: a change made since it was loaded is a change.
+    let mut seen = shared.runtime.load().sources.clone();
     let mut dirs = BTreeSet::new();
     let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>,
-                      files: &BTreeSet<PathBuf>,
+                      files: &Sources,
                       dirs: &mut BTreeSet<PathBuf>| {
         let Some(w) = watcher else { return };
         let wanted: BTreeSet<PathBuf> = files
-            .iter()
+            .paths()
             .filter_map(|f| f.parent().map(Path::to_owned))
             .collect();
         for d in dirs.difference(&wanted) {
@@ -157,8 +181,7 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
         }
         *dirs = wanted;
     };
-    watch_dirs(&mut watcher, &files, &mut dirs);
-    let mut seen = fingerprint(&files);
+    watch_dirs(&mut watcher, &seen, &mut dirs);
 
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -175,16 +198,14 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
         // Let a burst of writes settle, then drain the events it caused.
         tokio::time::sleep(SETTLE).await;
         while rx.try_recv().is_ok() {}
-        let current = fingerprint(&files);
+        let current = Sources::on_disk(seen.paths());
         if !forced && current == seen {
             continue;
         }
         let reason = if forced { "SIGHUP" } else { "file change" };
-        let _ = reload(&shared, &path, reason);
         // Follow the files the new config names, whether or not it loaded, so fixing a key file
         // named by a refused config also triggers a reload.
-        files = watched_files(&path);
-        watch_dirs(&mut watcher, &files, &mut dirs);
-        seen = fingerprint(&files);
+        seen = reload_until_current(&shared, &path, reason, &current);
+        watch_dirs(&mut watcher, &seen, &mut dirs);
     }
 }

@@ -1,6 +1,7 @@
 //! A configuration with everything it names loaded: keys parsed, downstream clients built. One
 //! `Runtime` is one config generation; a request uses the generation it started with.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,54 @@ pub struct Downstream {
     pub client: reqwest::Client,
 }
 
+/// The files one generation was loaded from, each with the SHA-256 of the bytes actually read
+/// (`None`: unreadable). Comparing it with the disk tells a reload whether a write landed while
+/// it was loading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources(BTreeMap<PathBuf, Option<[u8; 32]>>);
+
+// === impl Sources ===
+
+impl Sources {
+    /// Reads a file and records the digest of what was read.
+    fn read(&mut self, path: &Path) -> Result<Vec<u8>, crate::keys::KeyError> {
+        let bytes = crate::keys::read(path)?;
+        self.record(path, &bytes);
+        Ok(bytes)
+    }
+
+    fn record(&mut self, path: &Path, bytes: &[u8]) {
+        self.0
+            .insert(path.to_owned(), Some(crate::dedup::digest(bytes)));
+    }
+
+    /// The same files as they are on disk now.
+    pub fn on_disk<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Sources {
+        Sources(
+            paths
+                .into_iter()
+                .map(|p| {
+                    let digest = std::fs::read(p).ok().map(|b| crate::dedup::digest(&b));
+                    (p.clone(), digest)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.0.keys()
+    }
+
+    pub fn from_iter(files: impl IntoIterator<Item = (PathBuf, Option<[u8; 32]>)>) -> Sources {
+        Sources(files.into_iter().collect())
+    }
+
+    /// The recorded digest of `path`, if it is one of these files.
+    pub fn get(&self, path: &Path) -> Option<Option<[u8; 32]>> {
+        self.0.get(path).copied()
+    }
+}
+
 /// A loaded configuration generation.
 #[derive(Debug)]
 pub struct Runtime {
@@ -36,6 +85,8 @@ pub struct Runtime {
     pub downstreams: Vec<Arc<Downstream>>,
     /// Set when the config has `tls:`; each new connection uses the current generation's.
     pub tls: Option<crate::tls::Acceptor>,
+    /// What this generation was loaded from.
+    pub sources: Sources,
 }
 
 /// Whether a client built for `a` serves `b` as well. Servers with TLS files never qualify: the
@@ -54,15 +105,19 @@ fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
 impl Runtime {
     /// Reads, validates and loads every key of the config at `path`.
     pub fn load(path: &Path, generation: u64) -> Result<Runtime, ConfigError> {
-        let config = Config::load(path)?;
-        Runtime::from_config(path, config, generation, None)
+        let (config, text) = Config::load_text(path)?;
+        let mut rt = Runtime::from_config(path, config, generation, None)?;
+        rt.sources.record(path, text.as_bytes());
+        Ok(rt)
     }
 
     /// Loads the next generation. Servers whose connection settings did not change keep their
     /// HTTP client, so their warm keep-alive connections survive the reload.
     pub fn reload(path: &Path, previous: &Runtime) -> Result<Runtime, ConfigError> {
-        let config = Config::load(path)?;
-        Runtime::from_config(path, config, previous.generation + 1, Some(previous))
+        let (config, text) = Config::load_text(path)?;
+        let mut rt = Runtime::from_config(path, config, previous.generation + 1, Some(previous))?;
+        rt.sources.record(path, text.as_bytes());
+        Ok(rt)
     }
 
     pub fn from_config(
@@ -79,23 +134,49 @@ impl Runtime {
                 source,
             }
         };
-        let signer = Signer::load(&config.gateway_private_key)
-            .map_err(key_err("gateway_private_key".into()))?;
+        // Each key file is read once, and the bytes parsed are the bytes fingerprinted.
+        let mut sources = Sources::default();
+        let mut signer_at = |field: &str, p: &Path| {
+            sources
+                .read(p)
+                .and_then(|bytes| Signer::from_pem(p, &bytes))
+                .map_err(key_err(field.to_owned()))
+        };
+        let signer = signer_at("gateway_private_key", &config.gateway_private_key)?;
         let downstream_signer = match &config.downstream_signing_key {
-            Some(p) => Some(Signer::load(p).map_err(key_err("downstream_signing_key".into()))?),
+            Some(p) => Some(signer_at("downstream_signing_key", p)?),
             None => None,
         };
-        let node_verifier = Verifier::load(&config.tss_node_public_key)
-            .map_err(key_err("tss_node_public_key".into()))?;
+        let verifier_at = |sources: &mut Sources, field: String, p: &Path| {
+            sources
+                .read(p)
+                .and_then(|bytes| Verifier::from_pem(p, &bytes))
+                .map_err(key_err(field))
+        };
+        let node_verifier = verifier_at(
+            &mut sources,
+            "tss_node_public_key".into(),
+            &config.tss_node_public_key,
+        )?;
         let mut downstreams = Vec::with_capacity(config.callback_servers.len());
         for (i, s) in config.callback_servers.iter().enumerate() {
-            let verifier = Verifier::load(&s.pubkey_path)
-                .map_err(key_err(format!("callback_servers[{i}].pubkey_path")))?;
+            let verifier = verifier_at(
+                &mut sources,
+                format!("callback_servers[{i}].pubkey_path"),
+                &s.pubkey_path,
+            )?;
             let timeout = Duration::from_millis(s.timeout_ms);
             let reusable = previous
                 .into_iter()
                 .flat_map(|p| p.downstreams.iter())
                 .find(|d| same_connection(&d.config, s));
+            // TLS files are read by the TLS loader; their digest is taken just before.
+            for p in [&s.ca_file, &s.client_cert, &s.client_key]
+                .into_iter()
+                .flatten()
+            {
+                let _ = sources.read(p);
+            }
             let client = match reusable {
                 Some(d) => d.client.clone(),
                 None => {
@@ -122,6 +203,11 @@ impl Runtime {
                 client,
             }));
         }
+        if let Some(t) = &config.tls {
+            for p in [&t.cert, &t.key] {
+                let _ = sources.read(p);
+            }
+        }
         let tls = match &config.tls {
             Some(t) => Some(crate::tls::acceptor(t).map_err(|e| ConfigError::Field {
                 path: path.to_owned(),
@@ -139,6 +225,7 @@ impl Runtime {
             downstream_signer,
             node_verifier,
             downstreams,
+            sources,
         })
     }
 

@@ -302,3 +302,98 @@ async fn after_an_emergency_stop_an_in_flight_evaluation_is_not_shared() {
     first.await.unwrap().expect(0, "APPROVE", &[]);
     assert_eq!(a.calls(), 1);
 }
+
+// === 5. a change made while a reload is loading is not lost ===
+
+/// Embedded rules with a key_gen allow_list of about `bytes` bytes: a config that takes a while
+/// to parse, which widens the window between reading the files and fingerprinting them.
+fn large_rules(bytes: usize) -> String {
+    let mut y =
+        String::from("embedded_risk_control_rules:\n  enable: true\n  key_gen:\n    allow_list:\n");
+    let mut i = 0;
+    while y.len() < bytes {
+        y.push_str(&format!(
+            "      - {{ threshold: 2, node_ids: [n{i}a, n{i}b, n{i}c] }}\n"
+        ));
+        i += 1;
+    }
+    y
+}
+
+/// Replaces `path` atomically, as an operator's tooling would.
+fn replace(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Sends key_sign requests until the answer's status is `status` (bounded).
+async fn until_status(gw: &Gateway, status: i64, what: &str) {
+    let started = Instant::now();
+    for i in 0.. {
+        let id = format!("{what}-{}-{i}", gw.generation());
+        let r = send(&gw.url(), &request("key_sign", &id)).await;
+        if r.response.status == status {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: still {:?} at generation {}",
+            r.response,
+            gw.generation()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_while_a_reload_is_loading_is_not_skipped() {
+    let k = keys();
+    // The downstream's answers are signed with a key that leaked; its operator removes it from
+    // the gateway's trust just as another config change is being loaded.
+    let leaked = &k.servers[2];
+    let ds = Downstream::start(
+        "ds",
+        &k.servers[0],
+        always(Answer::approve().signed_by(leaked)),
+        0,
+    )
+    .await;
+    let keydir = tempfile::tempdir().unwrap();
+    let keyfile = keydir.path().join("ds-pub.key");
+    let good = k.servers[0].public_pem();
+    let mut both = good.clone();
+    both.extend(leaked.public_pem());
+    std::fs::write(&keyfile, &both).unwrap();
+    let e = || Entry {
+        ds: &ds,
+        url: None,
+        pubkey: Some(keyfile.clone()),
+        extra: "",
+    };
+    let rules = large_rules(900_000);
+    let gw = Gateway::start(&[e()], &rules).await;
+    gw.watch();
+    until_status(&gw, 0, "trusted").await;
+    // Each round: a config change, and the key removed a little later, at a different moment
+    // of the reload each time (the watcher waits 150 ms for writes to settle, then reads and
+    // parses the large config and the key files). Whenever the removal lands, it must apply.
+    for round in 0..12u64 {
+        let extra = format!("deadline_ms: {}\n{rules}", 6000 + round);
+        gw.write_config(&config_yaml(gw.addr, &[e()], &extra));
+        let written = Instant::now();
+        while written.elapsed() < Duration::from_millis(140 + 25 * round) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        replace(&keyfile, &good);
+        until_status(&gw, 30, "leaked key removed").await;
+        assert_eq!(
+            gw.shared.runtime.load().config.deadline_ms,
+            6000 + round,
+            "the config change applied too"
+        );
+        // Trust it again for the next round.
+        replace(&keyfile, &both);
+        until_status(&gw, 0, "trusted again").await;
+    }
+}
