@@ -102,7 +102,8 @@ pub async fn post_form(
         .body(body)
         .send()
         .await
-        .map_err(|e| CallError::Transport(error_chain(&e)))?;
+        // Without the URL: its `user:pass@`, if any, must not reach answers, logs or the audit.
+        .map_err(|e| CallError::Transport(error_chain(&e.without_url())))?;
     let status = resp.status().as_u16();
     if resp
         .content_length()
@@ -114,11 +115,9 @@ pub async fn post_form(
         )));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| CallError::Transport(format!("reading answer: {}", error_chain(&e))))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        CallError::Transport(format!("reading answer: {}", error_chain(&e.without_url())))
+    })? {
         if body.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(CallError::BadResponse(format!(
                 "HTTP {status} answer is above {MAX_ANSWER_BYTES} bytes"

@@ -70,6 +70,9 @@ fn flow_depth(text: &str) -> usize {
 pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// When set, `/metrics`, `/readyz` and `/healthz` are served here and not on `listen`.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     #[serde(default = "default_service_name")]
     pub service_name: String,
     pub tss_node_public_key: PathBuf,
@@ -346,16 +349,19 @@ impl Config {
                     ))
                 }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                Ok(u) => {
+                Ok(_) => {
                     return Err(field(
                         at("service_address"),
-                        format!("{:?}: scheme must be http or https", u.as_str()),
+                        format!(
+                            "{:?}: scheme must be http or https",
+                            redact_address(&s.service_address)
+                        ),
                     ))
                 }
                 Err(e) => {
                     return Err(field(
                         at("service_address"),
-                        format!("{:?}: {e}", s.service_address),
+                        format!("{:?}: {e}", redact_address(&s.service_address)),
                     ))
                 }
             }
@@ -401,6 +407,28 @@ impl Config {
         Ok(())
     }
 
+    /// The task types that would be approved with nothing checking them: embedded rules on but
+    /// without a rule for the type, and no enforcing server subscribed (Cobo's semantics: such a
+    /// type passes).
+    pub fn unchecked_types(&self) -> Vec<RequestType> {
+        let rules = &self.embedded_risk_control_rules;
+        if !rules.enable {
+            // With the rules off, a type nobody checks is rejected, not approved.
+            return Vec::new();
+        }
+        RequestType::ALL
+            .into_iter()
+            .filter(|&t| t != RequestType::Ping)
+            .filter(|&t| !rules.checks(t))
+            .filter(|&t| {
+                !self
+                    .callback_servers
+                    .iter()
+                    .any(|s| s.mode == Mode::Enforce && s.subscribes(t))
+            })
+            .collect()
+    }
+
     /// True when some enforcing server or the embedded rules check requests of type `t`.
     pub fn is_checked(&self, t: RequestType) -> bool {
         self.embedded_risk_control_rules.enable
@@ -408,6 +436,18 @@ impl Config {
                 .callback_servers
                 .iter()
                 .any(|s| s.mode == Mode::Enforce && s.subscribes(t))
+    }
+}
+
+/// `address` with any `user:pass@` credentials replaced by `***@`, for every output.
+pub fn redact_address(address: &str) -> String {
+    let Some((scheme, rest)) = address.split_once("://") else {
+        return address.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => address.to_owned(),
     }
 }
 
@@ -509,6 +549,22 @@ gateway_private_key: /abs/gw.pem
             assert!(!err.contains('\n'), "multi-line error {err:?}");
             assert!(err.starts_with("config /etc/gw/config.yaml"), "{err}");
         }
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        for (address, want) in [
+            ("http://u:p@h:1/v2/check", "http://***@h:1/v2/check"),
+            ("https://u@h/x?a=b@c", "https://***@h/x?a=b@c"),
+            ("http://u:p@ss@h", "http://***@h"),
+            ("http://h:1/v2/check", "http://h:1/v2/check"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_address(address), want);
+        }
+        let err =
+            parse(&with_server("").replace("http://127", "ftp://user:s3cret@127")).unwrap_err();
+        assert!(!err.contains("s3cret") && err.contains("***@"), "{err}");
     }
 
     #[test]

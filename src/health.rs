@@ -47,7 +47,7 @@ impl Health {
                 serde_json::json!({
                     "name": d.name,
                     "mode": d.mode.as_str(),
-                    "service_address": d.url.as_str(),
+                    "service_address": crate::config::redact_address(d.url.as_str()),
                     "health": states.get(&d.name),
                 })
             })

@@ -109,6 +109,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Runtime::load(&config, 1) {
             Ok(rt) => {
                 print!("{}", rt.summary());
+                for w in &rt.warnings {
+                    eprintln!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -78,6 +78,12 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
             "listen changed: restart the gateway to move the listener; it keeps the old address until then"
         );
     }
+    if rt.config.admin_listen != old.config.admin_listen {
+        tracing::warn!("admin_listen changed: restart the gateway to move the admin endpoints");
+    }
+    for w in &rt.warnings {
+        tracing::warn!("{w}");
+    }
     let removed: Vec<Arc<str>> = old
         .downstreams
         .iter()

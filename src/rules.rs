@@ -79,6 +79,18 @@ struct KeyReshareDetail {
 // === impl RuleSet ===
 
 impl RuleSet {
+    /// True when a rule applies to `kind`: its section rejects all or has an allow-list.
+    pub fn checks(&self, kind: RequestType) -> bool {
+        let (reject_all, allow_list) = match kind {
+            RequestType::Ping => return false,
+            RequestType::KeyGen => section_rule(self.key_gen.as_ref()),
+            RequestType::KeySign => section_rule(self.key_sign.as_ref()),
+            RequestType::KeyReshare => section_rule(self.key_reshare.as_ref()),
+            RequestType::KeyShareSign => section_rule(self.key_share_sign.as_ref()),
+        };
+        reject_all || allow_list
+    }
+
     /// Applies the rules to a request of raw type `code` whose `request_detail` is `detail`.
     pub fn check(&self, code: i64, detail: &str) -> RuleVerdict {
         if !self.enable {
@@ -117,6 +129,10 @@ impl RuleSet {
             Err(rule) => RuleVerdict::Reject(rule),
         }
     }
+}
+
+fn section_rule<E>(section: Option<&Section<E>>) -> (bool, bool) {
+    section.map_or((false, false), |s| (s.reject_all, s.allow_list.is_some()))
 }
 
 fn never(_: &NoEntry, _: &serde_json::Value) -> bool {

@@ -61,13 +61,15 @@ impl Sources {
         self.0.keys()
     }
 
-    pub fn from_iter(files: impl IntoIterator<Item = (PathBuf, Option<[u8; 32]>)>) -> Sources {
-        Sources(files.into_iter().collect())
-    }
-
     /// The recorded digest of `path`, if it is one of these files.
     pub fn get(&self, path: &Path) -> Option<Option<[u8; 32]>> {
         self.0.get(path).copied()
+    }
+}
+
+impl FromIterator<(PathBuf, Option<[u8; 32]>)> for Sources {
+    fn from_iter<I: IntoIterator<Item = (PathBuf, Option<[u8; 32]>)>>(files: I) -> Sources {
+        Sources(files.into_iter().collect())
     }
 }
 
@@ -87,6 +89,22 @@ pub struct Runtime {
     pub tls: Option<crate::tls::Acceptor>,
     /// What this generation was loaded from.
     pub sources: Sources,
+    /// What an operator should hear about at load (check-config, start-up, reload): types
+    /// approved with nothing checking them, private keys readable by others.
+    pub warnings: Vec<String>,
+}
+
+/// A warning when the private key file at `path` is readable by its group or by others.
+fn exposed_key(field: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{field}: private key file {} is readable by group or others (mode {:04o}); chmod 0600 it",
+            path.display(),
+            mode & 0o7777
+        )
+    })
 }
 
 /// Whether a client built for `a` serves `b` as well. Servers with TLS files never qualify: the
@@ -216,7 +234,40 @@ impl Runtime {
             })?),
             None => None,
         };
+        let mut warnings: Vec<String> = config
+            .unchecked_types()
+            .into_iter()
+            .map(|t| {
+                format!(
+                    "{} requests would be approved with nothing checking them: embedded_risk_control_rules has no rule for {} and no enforcing server subscribes to it",
+                    t.name(),
+                    t.name()
+                )
+            })
+            .collect();
+        let private_keys = [
+            (
+                "gateway_private_key".to_owned(),
+                Some(&config.gateway_private_key),
+            ),
+            (
+                "downstream_signing_key".to_owned(),
+                config.downstream_signing_key.as_ref(),
+            ),
+            ("tls.key".to_owned(), config.tls.as_ref().map(|t| &t.key)),
+        ]
+        .into_iter()
+        .chain(config.callback_servers.iter().enumerate().map(|(i, s)| {
+            (
+                format!("callback_servers[{i}].client_key"),
+                s.client_key.as_ref(),
+            )
+        }));
+        for (field, path) in private_keys {
+            warnings.extend(path.and_then(|p| exposed_key(&field, p)));
+        }
         Ok(Runtime {
+            warnings,
             tls,
             path: path.to_owned(),
             config,
@@ -280,7 +331,7 @@ impl Runtime {
                 "  server {} [{}] {} timeout {} ms retries {} types {}\n",
                 d.name,
                 d.mode.as_str(),
-                d.url,
+                crate::config::redact_address(d.url.as_str()),
                 d.config.timeout_ms,
                 d.retries,
                 types.join(",")

@@ -39,7 +39,9 @@ pub enum ServeError {
 pub async fn run(path: &Path) -> Result<(), ServeError> {
     let rt = Runtime::load(path, 1)?;
     let listen = rt.config.listen;
+    let admin_listen = rt.config.admin_listen;
     let summary = rt.summary();
+    let warnings = rt.warnings.clone();
     let shared = Shared::new(rt, Metrics::new()).map_err(ServeError::Audit)?;
     let listener = TcpListener::bind(&listen)
         .await
@@ -47,15 +49,41 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
             addr: listen.to_string(),
             source,
         })?;
+    let admin = match admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr().ok();
     for line in summary.lines() {
         tracing::info!("{}", line.trim());
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
     }
     tracing::info!(listen = ?local, version = env!("CARGO_PKG_VERSION"), "gateway listening");
 
     tokio::spawn(crate::health::run(shared.clone()));
     tokio::spawn(crate::reload::watch(shared.clone(), path.to_owned()));
-    serve(listener, shared.clone(), shutdown_signal()).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(admin) = admin {
+        tracing::info!(admin_listen = ?admin.local_addr().ok(), "admin endpoints listening");
+        let mut stopped = stopped.clone();
+        tokio::spawn(serve_admin(admin, shared.clone(), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+    }
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    serve(listener, shared.clone(), shutdown).await;
 
     if let Some(audit) = shared.audit.load_full() {
         if let Err(e) = audit.sync() {
@@ -66,13 +94,52 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Serves `listener` until `shutdown` resolves, then drains in-flight connections.
+/// Serves the operator's endpoints (`/metrics`, `/readyz`, `/healthz`) on `admin_listen`, plain
+/// HTTP, until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let service = TowerToHyperService::new(crate::server::admin_router(shared));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (http, service) = (http.clone(), service.clone());
+                tokio::spawn(async move {
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+}
+
+/// The routes `listen` serves: the node's only when `admin_listen` is set, else all of them.
+fn listen_router(shared: &Arc<Shared>) -> axum::Router {
+    if shared.runtime.load().config.admin_listen.is_some() {
+        crate::server::node_router(shared.clone())
+    } else {
+        crate::server::router(shared.clone())
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains in-flight connections. With
+/// `admin_listen` set, only the node's routes are served here; see [`serve_admin`].
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(crate::server::router(shared.clone()));
+    let service = TowerToHyperService::new(listen_router(&shared));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

@@ -61,11 +61,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Every route: the node's and the operator's (no `admin_listen`).
 pub fn router(shared: Arc<Shared>) -> Router {
+    node_router(shared.clone()).merge(admin_router(shared))
+}
+
+/// What the TSS Node calls: the callbacks and `/ping`.
+pub fn node_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v2/check", post(check))
         .route("/v1/check", post(check))
         .route("/ping", get(ping))
+        .with_state(shared)
+}
+
+/// What operators, probes and Prometheus call; served on `admin_listen` when it is set.
+pub fn admin_router(shared: Arc<Shared>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -397,3 +397,181 @@ async fn a_key_removed_while_a_reload_is_loading_is_not_skipped() {
         until_status(&gw, 0, "trusted again").await;
     }
 }
+
+// === 7. smaller items ===
+
+async fn get(url: &str) -> (u16, String) {
+    let resp = http().get(url).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listen_moves_metrics_readyz_and_healthz_off_the_node_listener() {
+    let k = keys();
+    let a = Downstream::start("a", &k.servers[0], always(Answer::approve()), 0).await;
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let gw = Gateway::start(&[entry(&a, "")], &format!("admin_listen: {admin_addr}")).await;
+    tokio::spawn(tss_callback_gateway::serve::serve_admin(
+        admin,
+        gw.shared.clone(),
+        std::future::pending(),
+    ));
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let (status, _) = get(&format!("http://{}{path}", gw.addr)).await;
+        assert_eq!(status, 404, "{path} on the node's listener");
+        let (status, body) = get(&format!("http://{admin_addr}{path}")).await;
+        assert_eq!(status, 200, "{path} on admin_listen");
+        assert!(!body.is_empty());
+    }
+    let (status, _) = get(&format!("http://{}/ping", gw.addr)).await;
+    assert_eq!(status, 200);
+    send(&gw.url(), &request("key_sign", "node-port"))
+        .await
+        .expect(0, "APPROVE", &[]);
+    // The admin port serves nothing of the node's.
+    let (status, _) = get(&format!("http://{admin_addr}/ping")).await;
+    assert_eq!(status, 404);
+    let resp = http()
+        .post(format!("http://{admin_addr}/v2/check"))
+        .body(node_form(&request("key_sign", "admin-port")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(a.calls(), 1);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const SECRET: &str = "s3cretpass";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_are_warned_and_credentials_never_leak() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    // A private key readable by the group.
+    let key = dir.path().join("gateway-pri.pem");
+    std::fs::copy(&k.gateway.pkcs8, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    // Nothing listens on `closed`: calls to it fail, and their errors must not carry the URL's
+    // credentials.
+    let closed = free_port();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\n\
+             tss_node_public_key: {}\ngateway_private_key: {}\naudit_log: audit.jsonl\n\
+             health_check_interval_ms: 200\n\
+             embedded_risk_control_rules: {{ enable: true, key_reshare: {{ reject_all: true }} }}\n\
+             callback_servers:\n  - name: creds\n    service_address: http://gw:{SECRET}@127.0.0.1:{closed}/v2/check\n    pubkey_path: {}\n    request_types: [key_gen]\n    retries: 0\n",
+            k.node.spki.display(),
+            key.display(),
+            k.servers[0].spki.display(),
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_tss-callback-gateway");
+
+    let out = std::process::Command::new(bin)
+        .args(["check-config", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains(SECRET) && !stderr.contains(SECRET),
+        "{stdout}{stderr}"
+    );
+    assert!(stdout.contains("http://***@127.0.0.1"), "{stdout}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    for t in ["key_sign", "key_share_sign"] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&format!("warning: {t} requests would be approved"))),
+            "{t} not named: {stderr}"
+        );
+    }
+    for t in ["key_gen", "key_reshare", "ping"] {
+        assert!(
+            !warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("warning: {t} "))),
+            "{t} named: {stderr}"
+        );
+    }
+    assert!(
+        warnings.iter().any(|w| w.contains("gateway_private_key") && w.contains("readable by group or others")),
+        "{stderr}"
+    );
+
+    // The running gateway: start-up log, answers, /readyz, audit.
+    let log = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(bin)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while reqwest::get(format!("http://127.0.0.1:{admin}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://127.0.0.1:{listen}/v2/check");
+    let r = send(&url, &request("key_gen", "creds-1")).await;
+    r.expect(30, "REJECT", &["creds: transport_error"]);
+    assert!(!r.response.error.contains(SECRET), "{}", r.response.error);
+    // Approved with nothing checking it, as Cobo's rules would: the warning is the safeguard.
+    send(&url, &request("key_sign", "unchecked"))
+        .await
+        .expect(0, "APPROVE", &[]);
+    let started = Instant::now();
+    loop {
+        let (status, body) = get(&format!("http://127.0.0.1:{admin}/readyz")).await;
+        assert_eq!(status, 200);
+        assert!(!body.contains(SECRET), "{body}");
+        assert!(body.contains("http://***@127.0.0.1"), "{body}");
+        // Wait for a health check result (its error text included) to be in the report.
+        if body.contains("transport_error") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(!logs.contains(SECRET), "{logs}");
+    assert!(
+        logs.contains("key_sign requests would be approved"),
+        "{logs}"
+    );
+    assert!(logs.contains("readable by group or others"), "{logs}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(!audit.contains(SECRET), "{audit}");
+    assert!(audit.contains("transport_error"), "{audit}");
+}
