@@ -567,6 +567,82 @@ mod tests {
         .is_ok());
     }
 
+    /// A token with exactly these claims, signed RS256.
+    fn with_claims(signer: &Signer, claims: &str) -> String {
+        let signed = format!(
+            "{}.{}",
+            B64URL.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+            B64URL.encode(claims)
+        );
+        let sig = B64URL.encode(signer.sign(signed.as_bytes()));
+        format!("{signed}.{sig}")
+    }
+
+    #[test]
+    fn nbf_and_exp_boundaries() {
+        let (signer, verifier) = pair();
+        let now = 1_700_000_000i64;
+        let pd = encode_package(b"{}");
+        let check = |exp: &str, nbf: Option<&str>| {
+            let nbf = nbf.map_or(String::new(), |n| format!(r#","nbf":{n}"#));
+            let claims = format!(r#"{{"package_data":"{pd}","exp":{exp}{nbf}}}"#);
+            verify_token(&with_claims(&signer, &claims), &verifier, now)
+        };
+        let later = (now + 60).to_string();
+        // nbf in the past, now, or within the same second: valid.
+        for nbf in [now - 10, now] {
+            assert!(check(&later, Some(&nbf.to_string())).is_ok(), "nbf {nbf}");
+        }
+        assert!(check(&later, Some(&format!("{now}.5"))).is_ok());
+        // nbf in the future: not yet valid.
+        for nbf in [
+            format!("{}", now + 1),
+            format!("{}", now + 3600),
+            format!("{now}9.5"),
+        ] {
+            assert_eq!(
+                check(&later, Some(&nbf)).unwrap_err(),
+                TokenError::Claims(format!(
+                    "not valid before {}",
+                    nbf.parse::<f64>().unwrap().floor() as i64
+                ))
+            );
+        }
+        // exp exactly now is expired; one second later is not.
+        assert_eq!(
+            check(&now.to_string(), None).unwrap_err(),
+            TokenError::Expired { exp: now, now }
+        );
+        assert_eq!(
+            check(&format!("{now}.9"), None).unwrap_err(),
+            TokenError::Expired { exp: now, now }
+        );
+        assert!(check(&(now + 1).to_string(), None).is_ok());
+        assert!(matches!(
+            check("\"soon\"", None),
+            Err(TokenError::Claims(_))
+        ));
+    }
+
+    /// `Status` serializes as Cobo's integer code (serde goes through `From<Status> for i64`).
+    #[test]
+    fn status_serializes_as_its_code() {
+        for (status, code) in [
+            (Status::Ok, 0),
+            (Status::InvalidRequest, 10),
+            (Status::InvalidToken, 20),
+            (Status::InternalError, 30),
+        ] {
+            assert_eq!(serde_json::to_string(&status).unwrap(), code.to_string());
+            assert_eq!(i64::from(status), code);
+            assert_eq!(
+                serde_json::from_str::<Status>(&code.to_string()).unwrap(),
+                status
+            );
+        }
+        assert!(serde_json::from_str::<Status>("5").is_err());
+    }
+
     #[test]
     fn request_type_names() {
         for t in RequestType::ALL {

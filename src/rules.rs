@@ -16,11 +16,11 @@ pub struct RuleSet {
     #[serde(default)]
     pub key_gen: Option<Section<KeyGenEntry>>,
     #[serde(default)]
-    pub key_sign: Option<Section<NoEntry>>,
+    pub key_sign: Option<RejectOnly>,
     #[serde(default)]
     pub key_reshare: Option<Section<KeyReshareEntry>>,
     #[serde(default)]
-    pub key_share_sign: Option<Section<NoEntry>>,
+    pub key_share_sign: Option<RejectOnly>,
 }
 
 /// One task type's rule: reject everything, or only what matches an allow-list entry.
@@ -33,10 +33,15 @@ pub struct Section<E> {
     pub allow_list: Option<Vec<E>>,
 }
 
-/// KeySign and KeyShareSign have no allow-list in the node's rules; an entry can never match.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// KeySign's and KeyShareSign's rule. Cobo's schema has no allow-list for them (nothing in their
+/// request could match an entry), so an `allow_list` here is refused as an unknown field rather
+/// than accepted and never matched.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct NoEntry {}
+pub struct RejectOnly {
+    #[serde(default)]
+    pub reject_all: bool,
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -84,9 +89,9 @@ impl RuleSet {
         let (reject_all, allow_list) = match kind {
             RequestType::Ping => return false,
             RequestType::KeyGen => section_rule(self.key_gen.as_ref()),
-            RequestType::KeySign => section_rule(self.key_sign.as_ref()),
+            RequestType::KeySign => reject_only_rule(self.key_sign.as_ref()),
             RequestType::KeyReshare => section_rule(self.key_reshare.as_ref()),
-            RequestType::KeyShareSign => section_rule(self.key_share_sign.as_ref()),
+            RequestType::KeyShareSign => reject_only_rule(self.key_share_sign.as_ref()),
         };
         reject_all || allow_list
     }
@@ -109,7 +114,7 @@ impl RuleSet {
                     e.threshold == d.threshold && same_set(&e.node_ids, &d.node_ids)
                 },
             ),
-            RequestType::KeySign => check_section(kind, self.key_sign.as_ref(), detail, never),
+            RequestType::KeySign => check_reject_only(kind, self.key_sign.as_ref()),
             RequestType::KeyReshare => check_section(
                 kind,
                 self.key_reshare.as_ref(),
@@ -120,9 +125,7 @@ impl RuleSet {
                         && same_set(&e.new_node_ids, &d.new_node_ids)
                 },
             ),
-            RequestType::KeyShareSign => {
-                check_section(kind, self.key_share_sign.as_ref(), detail, never)
-            }
+            RequestType::KeyShareSign => check_reject_only(kind, self.key_share_sign.as_ref()),
         };
         match result {
             Ok(()) => RuleVerdict::Pass,
@@ -135,8 +138,16 @@ fn section_rule<E>(section: Option<&Section<E>>) -> (bool, bool) {
     section.map_or((false, false), |s| (s.reject_all, s.allow_list.is_some()))
 }
 
-fn never(_: &NoEntry, _: &serde_json::Value) -> bool {
-    false
+fn reject_only_rule(section: Option<&RejectOnly>) -> (bool, bool) {
+    (section.is_some_and(|s| s.reject_all), false)
+}
+
+fn check_reject_only(kind: RequestType, section: Option<&RejectOnly>) -> Result<(), String> {
+    if section.is_some_and(|s| s.reject_all) {
+        Err(format!("{} reject_all", kind.name()))
+    } else {
+        Ok(())
+    }
 }
 
 fn check_section<E, D: serde::de::DeserializeOwned>(
@@ -242,6 +253,22 @@ key_share_sign: { reject_all: true }
         assert!(
             matches!(r.check(1, "not json"), RuleVerdict::Reject(s) if s.contains("unreadable"))
         );
+    }
+
+    #[test]
+    fn no_allow_list_for_signing_types() {
+        for section in ["key_sign", "key_share_sign"] {
+            let yaml = format!("{{ enable: true, {section}: {{ allow_list: [ {{}} ] }} }}");
+            let err = serde_norway::from_str::<RuleSet>(&yaml)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("allow_list"), "{err}");
+        }
+        let r = rules("{ enable: true, key_gen: { allow_list: [] }, key_sign: { reject_all: false }, key_reshare: { reject_all: true } }");
+        let checked: Vec<bool> = RequestType::ALL.iter().map(|&t| r.checks(t)).collect();
+        assert_eq!(checked, [false, true, false, true, false]);
+        let r = rules("{ enable: true, key_share_sign: { reject_all: true } }");
+        assert!(r.checks(RequestType::KeyShareSign) && !r.checks(RequestType::KeySign));
     }
 
     #[test]

@@ -575,3 +575,26 @@ async fn operators_are_warned_and_credentials_never_leak() {
     assert!(!audit.contains(SECRET), "{audit}");
     assert!(audit.contains("transport_error"), "{audit}");
 }
+
+// === 8. what mutation testing found ===
+
+#[test]
+fn an_allow_list_under_key_sign_or_key_share_sign_is_refused_naming_the_field() {
+    for section in ["key_sign", "key_share_sign"] {
+        let yaml = format!(
+            "tss_node_public_key: n.pub\ngateway_private_key: g.pem\n\
+             embedded_risk_control_rules:\n  enable: true\n  {section}:\n    reject_all: false\n    allow_list:\n      - {{}}\n"
+        );
+        let err = tss_callback_gateway::config::Config::parse(
+            &yaml,
+            std::path::Path::new("/etc/gw/config.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(section) && err.contains("allow_list"),
+            "{section}: {err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
