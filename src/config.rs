@@ -100,8 +100,13 @@ pub struct ServerConfig {
     pub name: String,
     pub service_address: String,
     pub pubkey_path: PathBuf,
-    #[serde(default = "default_timeout_ms")]
+    /// Per attempt: the value written in the file, else min(5000, `deadline_ms`). Filled in by
+    /// [`Config::parse`].
+    #[serde(skip)]
     pub timeout_ms: u64,
+    /// `timeout_ms` as written; only an explicit value above `deadline_ms` is refused.
+    #[serde(default, rename = "timeout_ms")]
+    timeout_ms_written: Option<u64>,
     #[serde(default = "default_retries")]
     pub retries: u32,
     #[serde(default = "default_request_types")]
@@ -167,9 +172,8 @@ fn default_health_check_interval_ms() -> u64 {
 fn default_max_body_bytes() -> usize {
     1024 * 1024
 }
-fn default_timeout_ms() -> u64 {
-    5000
-}
+/// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
 fn default_retries() -> u32 {
     1
 }
@@ -240,6 +244,12 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        let deadline_ms = config.deadline_ms;
+        for s in &mut config.callback_servers {
+            s.timeout_ms = s
+                .timeout_ms_written
+                .unwrap_or(DEFAULT_TIMEOUT_MS.min(deadline_ms));
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -357,6 +367,7 @@ impl Config {
             if s.timeout_ms == 0 {
                 return Err(field(at("timeout_ms"), "must be above 0".into()));
             }
+            // A default never exceeds the deadline; only a value the user wrote can.
             if s.timeout_ms > self.deadline_ms {
                 return Err(field(
                     at("timeout_ms"),
@@ -495,6 +506,28 @@ gateway_private_key: /abs/gw.pem
             assert!(!err.contains('\n'), "multi-line error {err:?}");
             assert!(err.starts_with("config /etc/gw/config.yaml"), "{err}");
         }
+    }
+
+    #[test]
+    fn default_timeout_follows_a_shorter_deadline() {
+        let c = parse(&format!("{}deadline_ms: 4000\n", with_server(""))).unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 4000);
+        let c = parse(&format!("{}deadline_ms: 9000\n", with_server(""))).unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 5000);
+        let c = parse(&format!(
+            "{}deadline_ms: 4000\n",
+            with_server("    timeout_ms: 3000\n")
+        ))
+        .unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 3000);
+        let err = parse(&format!(
+            "{}deadline_ms: 4000\n",
+            with_server("    timeout_ms: 5000\n")
+        ))
+        .unwrap_err();
+        assert!(err.contains("5000 is above deadline_ms 4000"), "{err}");
+        let err = parse(&with_server("    timeout_ms: 0\n")).unwrap_err();
+        assert!(err.contains("callback_servers[0].timeout_ms"), "{err}");
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl Verdict {
 }
 
 /// Calls one server: attempts bounded by `timeout_ms` and the deadline, retries on transport
-/// failures only. For a Ping any status-0 answer counts as approved.
+/// failures only. For a Ping any status-0 answer counts as approved, with or without `action`.
 pub async fn call(
     ds: &Downstream,
     form: &Bytes,
@@ -179,6 +179,12 @@ pub async fn call(
                 client::snippet(&resp.action),
                 client::snippet(&resp.error)
             ),
+        ),
+        Ok(resp) if resp.action.is_empty() => Verdict::new(
+            ds,
+            Outcome::BadResponse,
+            elapsed,
+            "bad_response: status 0 without action".into(),
         ),
         Ok(resp) => Verdict::new(
             ds,
