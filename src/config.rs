@@ -91,6 +91,9 @@ pub struct Config {
     /// Serve the TSS Node over HTTPS with this certificate chain and key.
     #[serde(default)]
     pub tls: Option<ListenerTls>,
+    /// Requests being decided at once; one more is answered at once with HTTP 503.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 /// One downstream callback server.
@@ -122,6 +125,10 @@ pub struct ServerConfig {
     /// PEM private key of `client_cert`.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// Calls in flight to this server at once; 0 = no limit. A call beyond it waits for a slot,
+    /// within the request's deadline.
+    #[serde(default)]
+    pub max_concurrent: usize,
 }
 
 /// `tls:` — the listener's certificate chain and private key (PEM).
@@ -171,6 +178,9 @@ fn default_health_check_interval_ms() -> u64 {
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024
+}
+fn default_max_in_flight() -> usize {
+    1024
 }
 /// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
@@ -307,6 +317,12 @@ impl Config {
                 "must be at least 1024".into(),
             ));
         }
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return Err(field(
+                "max_in_flight".into(),
+                "must be between 1 and 1000000".into(),
+            ));
+        }
         let mut names = BTreeSet::new();
         for (i, s) in self.callback_servers.iter().enumerate() {
             let at = |f: &str| format!("callback_servers[{i}].{f}");
@@ -372,6 +388,12 @@ impl Config {
                 return Err(field(
                     at("timeout_ms"),
                     format!("{} is above deadline_ms {}", s.timeout_ms, self.deadline_ms),
+                ));
+            }
+            if s.max_concurrent > 1_000_000 {
+                return Err(field(
+                    at("max_concurrent"),
+                    "must be at most 1000000 (0 = no limit)".into(),
                 ));
             }
             if s.retries > 10 {
@@ -448,6 +470,7 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.token_expire_minutes, 2);
         assert_eq!(c.deadline_ms, 8000);
         assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.max_in_flight, 1024);
         assert_eq!(
             c.tss_node_public_key,
             PathBuf::from("/etc/gw/keys/node.pub")
@@ -455,6 +478,7 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.gateway_private_key, PathBuf::from("/abs/gw.pem"));
         let s = &c.callback_servers[0];
         assert_eq!((s.timeout_ms, s.retries, s.mode), (5000, 1, Mode::Enforce));
+        assert_eq!(s.max_concurrent, 0);
         assert_eq!(s.pubkey_path, PathBuf::from("/etc/gw/keys/r.pub"));
         assert!(s.subscribes(RequestType::Ping) && s.subscribes(RequestType::KeyShareSign));
     }
@@ -499,6 +523,11 @@ gateway_private_key: /abs/gw.pem
                 format!("{}token_expire_minutes: 0\n", with_server("")),
                 "token_expire_minutes",
             ),
+            (
+                format!("{}max_in_flight: 0\n", with_server("")),
+                "max_in_flight",
+            ),
+            (with_server("    max_concurrent: -1\n"), "max_concurrent"),
         ];
         for (yaml, needle) in cases {
             let err = parse(yaml).expect_err(needle);

@@ -20,6 +20,8 @@ pub struct Downstream {
     pub mode: Mode,
     pub config: ServerConfig,
     pub client: reqwest::Client,
+    /// `max_concurrent` call slots; `None` = no limit.
+    pub slots: Option<Arc<crate::admission::Slots>>,
 }
 
 /// A loaded configuration generation.
@@ -99,7 +101,22 @@ impl Runtime {
                     })?
                 }
             };
+            // The same server with the same limit keeps its slots, so calls still running on the
+            // previous generation count against the limit too.
+            let slots = previous
+                .into_iter()
+                .flat_map(|p| p.downstreams.iter())
+                .find(|d| {
+                    d.config.name == s.name
+                        && d.config.service_address == s.service_address
+                        && d.config.max_concurrent == s.max_concurrent
+                })
+                .map_or_else(
+                    || crate::admission::Slots::new(s.max_concurrent),
+                    |d| d.slots.clone(),
+                );
             downstreams.push(Arc::new(Downstream {
+                slots,
                 name: s.name.as_str().into(),
                 // Validated in Config::parse.
                 url: reqwest::Url::parse(&s.service_address).map_err(|e| ConfigError::Field {

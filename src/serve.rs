@@ -38,6 +38,7 @@ pub enum ServeError {
 /// Loads the config at `path` and serves until SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), ServeError> {
     let rt = Runtime::load(path, 1)?;
+    raise_open_file_limit(&rt);
     let listen = rt.config.listen;
     let summary = rt.summary();
     let shared = Shared::new(rt, Metrics::new()).map_err(ServeError::Audit)?;
@@ -64,6 +65,46 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each request in flight holds
+/// its inbound connection and, over HTTP/1.1, one outbound connection per server: with the
+/// common soft limit of 1,024 and five servers, descriptors would run out at about 170.
+fn raise_open_file_limit(rt: &Runtime) {
+    use rlimit::Resource;
+    let (soft, hard) = match rlimit::getrlimit(Resource::NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    let raised = if soft < hard {
+        match rlimit::setrlimit(Resource::NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    tracing::info!(
+        soft_before = soft,
+        soft = raised,
+        hard,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    let needed = (rt.config.max_in_flight * (1 + rt.downstreams.len()) + 64) as u64;
+    if raised < needed {
+        tracing::warn!(
+            limit = raised,
+            needed,
+            max_in_flight = rt.config.max_in_flight,
+            "the open-file limit is below max_in_flight x (1 + servers) + 64: connections may fail under load"
+        );
+    }
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains in-flight connections.

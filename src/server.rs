@@ -63,10 +63,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    shared.metrics.in_flight.inc();
-    let _in_flight = InFlight(shared.metrics.in_flight.clone());
     // The whole request runs on the generation it started with, even if a reload lands meanwhile.
     let rt = shared.runtime.load_full();
+    // Before anything is read or signed: shedding must cost no RSA work. The permit is held
+    // until the answer is made (move it along if the decision ever runs in a task of its own).
+    let Some(_admitted) = shared.admission.try_admit(rt.config.max_in_flight) else {
+        return overloaded(&shared);
+    };
+    shared.metrics.in_flight.inc();
+    let _in_flight = InFlight(shared.metrics.in_flight.clone());
     let deadline = started + Duration::from_millis(rt.config.deadline_ms);
 
     // `headers` and the body are given away here, so that the connection's read buffer they
@@ -136,6 +141,26 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         format!("\"{token}\""),
+    )
+        .into_response()
+}
+
+/// HTTP 503 with `Retry-After`, unsigned and unread: beyond `max_in_flight`, a signature would
+/// cost as much RSA as the work being shed. The TSS Node retries it as a failed call.
+fn overloaded(shared: &Shared) -> Response {
+    shared
+        .metrics
+        .requests
+        .with_label_values(&["unknown", crate::metrics::outcome::OVERLOADED])
+        .inc();
+    tracing::debug!("overloaded: answered 503 beyond max_in_flight");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, "1"),
+            (header::CONTENT_TYPE, "text/plain"),
+        ],
+        "overloaded: max_in_flight requests are being decided; retry later\n",
     )
         .into_response()
 }
