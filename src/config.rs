@@ -129,6 +129,9 @@ pub struct ServerConfig {
     /// within the request's deadline.
     #[serde(default)]
     pub max_concurrent: usize,
+    /// Which HTTP version to speak to this server.
+    #[serde(default)]
+    pub http2: Http2,
 }
 
 /// `tls:` — the listener's certificate chain and private key (PEM).
@@ -148,6 +151,20 @@ pub enum Mode {
     Enforce,
     /// Called, measured and audited; never decides and never waited for.
     Shadow,
+}
+
+/// `http2:` of a server. HTTP/2 multiplexes every call in flight to a server over one
+/// connection; HTTP/1.1 needs a connection per call in flight.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2 {
+    /// HTTP/2 when an `https` server offers it by ALPN, else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/2 only: prior knowledge on `http` (h2c), ALPN `h2` alone on `https`.
+    Always,
+    /// HTTP/1.1 only.
+    Never,
 }
 
 /// A task type by its config name (`key_sign`); Ping is implied for every server.
@@ -479,6 +496,7 @@ gateway_private_key: /abs/gw.pem
         let s = &c.callback_servers[0];
         assert_eq!((s.timeout_ms, s.retries, s.mode), (5000, 1, Mode::Enforce));
         assert_eq!(s.max_concurrent, 0);
+        assert_eq!(s.http2, Http2::Auto);
         assert_eq!(s.pubkey_path, PathBuf::from("/etc/gw/keys/r.pub"));
         assert!(s.subscribes(RequestType::Ping) && s.subscribes(RequestType::KeyShareSign));
     }
@@ -493,6 +511,7 @@ gateway_private_key: /abs/gw.pem
                 "callback_servers[0].timeout_ms",
             ),
             (with_server("    mode: loud\n"), "loud"),
+            (with_server("    http2: sometimes\n"), "sometimes"),
             (with_server("    request_types: [key_sing]\n"), "key_sing"),
             (with_server("    request_types: []\n"), "request_types"),
             (

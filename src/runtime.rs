@@ -44,6 +44,7 @@ fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
         |s: &ServerConfig| s.ca_file.is_none() && s.client_cert.is_none() && s.client_key.is_none();
     a.service_address == b.service_address
         && a.timeout_ms == b.timeout_ms
+        && a.http2 == b.http2
         && no_tls_files(a)
         && no_tls_files(b)
 }
