@@ -61,6 +61,14 @@ panel("Time since the last good config load", "stat",
       [("time() - max(tss_gateway_config_last_reload_success_timestamp_seconds)", "since last good load")], 8, 32, w=8, unit="s")
 panel("Callback servers by mode", "stat",
       [("sum by (mode) (tss_gateway_callback_servers)", "{{mode}}")], 16, 32, w=8)
+panel("Shed: HTTP 503 beyond max_in_flight", "timeseries",
+      [('sum(rate(tss_gateway_requests_total{outcome="overloaded"}[$__rate_interval]))', "overloaded")],
+      0, 40, unit="reqps",
+      description="requests answered 503 + Retry-After without being read; the TSS Node retries them")
+panel("Per-server wait for a max_concurrent slot p99", "timeseries",
+      [(f"histogram_quantile(0.99, sum by (server, le) (rate(tss_gateway_downstream_slot_wait_seconds_bucket{{{SRV}}}[$__rate_interval])))", "{{server}}")],
+      12, 40, unit="s",
+      description="only servers with max_concurrent set; a wait that reaches the deadline is a timeout")
 
 dashboard = {
     "__inputs": [],

@@ -98,6 +98,9 @@ pub struct Config {
     /// Serve the TSS Node over HTTPS with this certificate chain and key.
     #[serde(default)]
     pub tls: Option<ListenerTls>,
+    /// Requests being decided at once; one more is answered at once with HTTP 503.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 /// One downstream callback server.
@@ -107,8 +110,13 @@ pub struct ServerConfig {
     pub name: String,
     pub service_address: String,
     pub pubkey_path: PathBuf,
-    #[serde(default = "default_timeout_ms")]
+    /// Per attempt: the value written in the file, else min(5000, `deadline_ms`). Filled in by
+    /// [`Config::parse`].
+    #[serde(skip)]
     pub timeout_ms: u64,
+    /// `timeout_ms` as written; only an explicit value above `deadline_ms` is refused.
+    #[serde(default, rename = "timeout_ms")]
+    timeout_ms_written: Option<u64>,
     #[serde(default = "default_retries")]
     pub retries: u32,
     #[serde(default = "default_request_types")]
@@ -124,6 +132,13 @@ pub struct ServerConfig {
     /// PEM private key of `client_cert`.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// Calls in flight to this server at once; 0 = no limit. A call beyond it waits for a slot,
+    /// within the request's deadline.
+    #[serde(default)]
+    pub max_concurrent: usize,
+    /// Which HTTP version to speak to this server.
+    #[serde(default)]
+    pub http2: Http2,
 }
 
 /// `tls:` — the listener's certificate chain and private key (PEM).
@@ -143,6 +158,20 @@ pub enum Mode {
     Enforce,
     /// Called, measured and audited; never decides and never waited for.
     Shadow,
+}
+
+/// `http2:` of a server. HTTP/2 multiplexes every call in flight to a server over one
+/// connection; HTTP/1.1 needs a connection per call in flight.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2 {
+    /// HTTP/2 when an `https` server offers it by ALPN, else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/2 only: prior knowledge on `http` (h2c), ALPN `h2` alone on `https`.
+    Always,
+    /// HTTP/1.1 only.
+    Never,
 }
 
 /// A task type by its config name (`key_sign`); Ping is implied for every server.
@@ -174,9 +203,11 @@ fn default_health_check_interval_ms() -> u64 {
 fn default_max_body_bytes() -> usize {
     1024 * 1024
 }
-fn default_timeout_ms() -> u64 {
-    5000
+fn default_max_in_flight() -> usize {
+    1024
 }
+/// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
 fn default_retries() -> u32 {
     1
 }
@@ -254,6 +285,12 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        let deadline_ms = config.deadline_ms;
+        for s in &mut config.callback_servers {
+            s.timeout_ms = s
+                .timeout_ms_written
+                .unwrap_or(DEFAULT_TIMEOUT_MS.min(deadline_ms));
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -312,6 +349,12 @@ impl Config {
             return Err(field(
                 "max_body_bytes".into(),
                 "must be at least 1024".into(),
+            ));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return Err(field(
+                "max_in_flight".into(),
+                "must be between 1 and 1000000".into(),
             ));
         }
         let mut names = BTreeSet::new();
@@ -377,10 +420,17 @@ impl Config {
             if s.timeout_ms == 0 {
                 return Err(field(at("timeout_ms"), "must be above 0".into()));
             }
+            // A default never exceeds the deadline; only a value the user wrote can.
             if s.timeout_ms > self.deadline_ms {
                 return Err(field(
                     at("timeout_ms"),
                     format!("{} is above deadline_ms {}", s.timeout_ms, self.deadline_ms),
+                ));
+            }
+            if s.max_concurrent > 1_000_000 {
+                return Err(field(
+                    at("max_concurrent"),
+                    "must be at most 1000000 (0 = no limit)".into(),
                 ));
             }
             if s.retries > 10 {
@@ -491,6 +541,7 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.token_expire_minutes, 2);
         assert_eq!(c.deadline_ms, 8000);
         assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.max_in_flight, 1024);
         assert_eq!(
             c.tss_node_public_key,
             PathBuf::from("/etc/gw/keys/node.pub")
@@ -498,6 +549,8 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.gateway_private_key, PathBuf::from("/abs/gw.pem"));
         let s = &c.callback_servers[0];
         assert_eq!((s.timeout_ms, s.retries, s.mode), (5000, 1, Mode::Enforce));
+        assert_eq!(s.max_concurrent, 0);
+        assert_eq!(s.http2, Http2::Auto);
         assert_eq!(s.pubkey_path, PathBuf::from("/etc/gw/keys/r.pub"));
         assert!(s.subscribes(RequestType::Ping) && s.subscribes(RequestType::KeyShareSign));
     }
@@ -512,6 +565,7 @@ gateway_private_key: /abs/gw.pem
                 "callback_servers[0].timeout_ms",
             ),
             (with_server("    mode: loud\n"), "loud"),
+            (with_server("    http2: sometimes\n"), "sometimes"),
             (with_server("    request_types: [key_sing]\n"), "key_sing"),
             (with_server("    request_types: []\n"), "request_types"),
             (
@@ -542,6 +596,11 @@ gateway_private_key: /abs/gw.pem
                 format!("{}token_expire_minutes: 0\n", with_server("")),
                 "token_expire_minutes",
             ),
+            (
+                format!("{}max_in_flight: 0\n", with_server("")),
+                "max_in_flight",
+            ),
+            (with_server("    max_concurrent: -1\n"), "max_concurrent"),
         ];
         for (yaml, needle) in cases {
             let err = parse(yaml).expect_err(needle);
@@ -565,6 +624,28 @@ gateway_private_key: /abs/gw.pem
         let err =
             parse(&with_server("").replace("http://127", "ftp://user:s3cret@127")).unwrap_err();
         assert!(!err.contains("s3cret") && err.contains("***@"), "{err}");
+    }
+
+    #[test]
+    fn default_timeout_follows_a_shorter_deadline() {
+        let c = parse(&format!("{}deadline_ms: 4000\n", with_server(""))).unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 4000);
+        let c = parse(&format!("{}deadline_ms: 9000\n", with_server(""))).unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 5000);
+        let c = parse(&format!(
+            "{}deadline_ms: 4000\n",
+            with_server("    timeout_ms: 3000\n")
+        ))
+        .unwrap();
+        assert_eq!(c.callback_servers[0].timeout_ms, 3000);
+        let err = parse(&format!(
+            "{}deadline_ms: 4000\n",
+            with_server("    timeout_ms: 5000\n")
+        ))
+        .unwrap_err();
+        assert!(err.contains("5000 is above deadline_ms 4000"), "{err}");
+        let err = parse(&with_server("    timeout_ms: 0\n")).unwrap_err();
+        assert!(err.contains("callback_servers[0].timeout_ms"), "{err}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! decision is made from.
 //!
 //! Guarantees: every enforcing call is bounded by its own `timeout_ms` per attempt and by the
-//! request's deadline overall; the first enforcing rejection ends the wait and cancels the rest;
-//! shadow calls run detached and never delay or change the answer.
+//! request's deadline overall (waiting for a `max_concurrent` slot included); the first enforcing
+//! rejection ends the wait and cancels the rest; shadow calls run detached and never delay or
+//! change the answer.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -132,15 +133,39 @@ impl Verdict {
     }
 }
 
-/// Calls one server: attempts bounded by `timeout_ms` and the deadline, retries on transport
-/// failures only. For a Ping any status-0 answer counts as approved.
+/// Calls one server: first a free slot if it has `max_concurrent` (waited for until the
+/// deadline: never getting one is a timeout), then attempts bounded by `timeout_ms` and the
+/// deadline, retrying transport failures only. The slot is held until the call ends. For a Ping
+/// any status-0 answer counts as approved, with or without `action`.
 pub async fn call(
     ds: &Downstream,
+    metrics: &Metrics,
     form: &Bytes,
     request_id: &str,
     is_ping: bool,
     deadline: Instant,
 ) -> Verdict {
+    let _slot = match &ds.slots {
+        None => None,
+        Some(slots) => {
+            let waiting = Instant::now();
+            let slot = slots.acquire(deadline).await;
+            let waited = waiting.elapsed();
+            metrics
+                .downstream_slot_wait
+                .with_label_values(&[&ds.name])
+                .observe(waited.as_secs_f64());
+            if slot.is_none() {
+                let detail = format!(
+                    "timeout: no free slot (max_concurrent {}) within {} ms",
+                    slots.limit,
+                    waited.as_millis()
+                );
+                return Verdict::new(ds, Outcome::Timeout, waited, detail);
+            }
+            slot
+        }
+    };
     let started = Instant::now();
     let mut attempt = 0;
     let result = loop {
@@ -186,6 +211,12 @@ pub async fn call(
                 client::snippet(&resp.action),
                 client::snippet(&resp.error)
             ),
+        ),
+        Ok(resp) if resp.action.is_empty() => Verdict::new(
+            ds,
+            Outcome::BadResponse,
+            elapsed,
+            "bad_response: status 0 without action".into(),
         ),
         Ok(resp) => Verdict::new(
             ds,
@@ -237,7 +268,7 @@ pub async fn fan_out<'a>(
                     metrics.clone(),
                 );
                 tokio::spawn(async move {
-                    let v = call(&ds, &form, &id, is_ping, deadline).await;
+                    let v = call(&ds, &metrics, &form, &id, is_ping, deadline).await;
                     record(&metrics, &v);
                     tracing::info!(request_id = %client::snippet(&id), server = %v.server, outcome = v.outcome.as_str(), duration_ms = v.duration.as_millis() as u64, "shadow verdict");
                     let _ = slot.set(v);
@@ -248,8 +279,12 @@ pub async fn fan_out<'a>(
                 enforcing.push(ds.clone());
                 let (form, id) = (form.clone(), request_id.clone());
                 let ds = ds.clone();
-                pending
-                    .push(async move { (index, call(&ds, &form, &id, is_ping, deadline).await) });
+                pending.push(async move {
+                    (
+                        index,
+                        call(&ds, metrics, &form, &id, is_ping, deadline).await,
+                    )
+                });
             }
         }
     }

@@ -76,7 +76,7 @@ impl Health {
             ));
             async move {
                 let deadline = Instant::now() + ds.timeout;
-                let v = fanout::call(ds, &form, &request_id, true, deadline).await;
+                let v = fanout::call(ds, &shared.metrics, &form, &request_id, true, deadline).await;
                 (ds.name.clone(), v)
             }
         });

@@ -6,6 +6,7 @@
 //! the node's token, [`rules`] applies the embedded rules, [`fanout`] asks the downstreams through
 //! [`client`], [`decision`] makes the answer, [`audit`] records it, and [`server`] signs it.
 
+pub mod admission;
 pub mod audit;
 pub mod client;
 pub mod config;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub health: Health,
     /// Per process: replicas behind a load balancer each have their own.
     pub dedup: dedup::Dedup<Arc<server::Evaluation>>,
+    /// Requests being decided, against `max_in_flight`.
+    pub admission: admission::Admission,
 }
 
 // === impl Shared ===
@@ -61,6 +64,7 @@ impl Shared {
             metrics,
             health: Health::default(),
             dedup: dedup::Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
+            admission: admission::Admission::default(),
         };
         shared.set_config_gauges();
         Ok(Arc::new(shared))

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub downstream_requests: IntCounterVec,
     pub downstream_duration: HistogramVec,
     pub downstream_up: IntGaugeVec,
+    pub downstream_slot_wait: HistogramVec,
     pub in_flight: IntGauge,
     pub embedded_rejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -37,6 +38,8 @@ pub mod outcome {
     pub const FAILED: &str = "failed";
     pub const INVALID_TOKEN: &str = "invalid_token";
     pub const INVALID_REQUEST: &str = "invalid_request";
+    /// Answered HTTP 503 beyond `max_in_flight`, unread.
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 impl Metrics {
@@ -86,6 +89,13 @@ impl Metrics {
                 Opts::new(
                     "tss_gateway_downstream_up",
                     "1 if the last health check of the server succeeded."
+                ),
+                &["server"]
+            )),
+            downstream_slot_wait: register!(HistogramVec::new(
+                histogram(
+                    "tss_gateway_downstream_slot_wait_seconds",
+                    "Time a call waited for a free slot of a server with max_concurrent set."
                 ),
                 &["server"]
             )),
@@ -141,6 +151,7 @@ impl Metrics {
             outcome::FAILED,
             outcome::INVALID_TOKEN,
             outcome::INVALID_REQUEST,
+            outcome::OVERLOADED,
         ];
         for kind in crate::protocol::RequestType::ALL
             .iter()
@@ -163,6 +174,7 @@ impl Metrics {
                 .with_label_values(&[server, o.as_str()]);
         }
         self.downstream_duration.with_label_values(&[server]);
+        self.downstream_slot_wait.with_label_values(&[server]);
     }
 
     /// The registry in Prometheus text format.

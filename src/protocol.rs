@@ -79,6 +79,9 @@ pub struct CallbackRequest {
 pub struct CallbackResponse {
     pub request_id: String,
     pub status: i64,
+    /// Empty when the answer has none: Cobo's v1 Node.js example answers a Ping with status 0
+    /// and no `action`, which is healthy for a Ping and a `bad_response` for any other type.
+    #[serde(default)]
     pub action: String,
     #[serde(default)]
     pub error: String,

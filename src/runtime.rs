@@ -21,6 +21,8 @@ pub struct Downstream {
     pub mode: Mode,
     pub config: ServerConfig,
     pub client: reqwest::Client,
+    /// `max_concurrent` call slots; `None` = no limit.
+    pub slots: Option<Arc<crate::admission::Slots>>,
 }
 
 /// The files one generation was loaded from, each with the SHA-256 of the bytes actually read
@@ -114,6 +116,7 @@ fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
         |s: &ServerConfig| s.ca_file.is_none() && s.client_cert.is_none() && s.client_key.is_none();
     a.service_address == b.service_address
         && a.timeout_ms == b.timeout_ms
+        && a.http2 == b.http2
         && no_tls_files(a)
         && no_tls_files(b)
 }
@@ -205,7 +208,22 @@ impl Runtime {
                     })?
                 }
             };
+            // The same server with the same limit keeps its slots, so calls still running on the
+            // previous generation count against the limit too.
+            let slots = previous
+                .into_iter()
+                .flat_map(|p| p.downstreams.iter())
+                .find(|d| {
+                    d.config.name == s.name
+                        && d.config.service_address == s.service_address
+                        && d.config.max_concurrent == s.max_concurrent
+                })
+                .map_or_else(
+                    || crate::admission::Slots::new(s.max_concurrent),
+                    |d| d.slots.clone(),
+                );
             downstreams.push(Arc::new(Downstream {
+                slots,
                 name: s.name.as_str().into(),
                 // Validated in Config::parse.
                 url: reqwest::Url::parse(&s.service_address).map_err(|e| ConfigError::Field {

@@ -38,26 +38,21 @@ pub enum ServeError {
 /// Loads the config at `path` and serves until SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), ServeError> {
     let rt = Runtime::load(path, 1)?;
+    raise_open_file_limit(&rt);
     let listen = rt.config.listen;
     let admin_listen = rt.config.admin_listen;
     let summary = rt.summary();
     let warnings = rt.warnings.clone();
     let shared = Shared::new(rt, Metrics::new()).map_err(ServeError::Audit)?;
-    let listener = TcpListener::bind(&listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: listen.to_string(),
-            source,
-        })?;
+    let listener = bind(listen).map_err(|source| ServeError::Bind {
+        addr: listen.to_string(),
+        source,
+    })?;
     let admin = match admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(&addr)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?,
-        ),
+        Some(addr) => Some(bind(addr).map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?),
         None => None,
     };
     let local = listener.local_addr().ok();
@@ -129,6 +124,63 @@ fn listen_router(shared: &Arc<Shared>) -> axum::Router {
         crate::server::node_router(shared.clone())
     } else {
         crate::server::router(shared.clone())
+    }
+}
+
+/// Connections the kernel may hold for `accept` (capped by `net.core.somaxconn`). A burst beyond
+/// the backlog would wait for the client's SYN retransmit (1 s, then 3 s) before even getting its
+/// HTTP 503; tokio's default is 1,024.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the listener with [`LISTEN_BACKLOG`].
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each request in flight holds
+/// its inbound connection and, over HTTP/1.1, one outbound connection per server: with the
+/// common soft limit of 1,024 and five servers, descriptors would run out at about 170.
+fn raise_open_file_limit(rt: &Runtime) {
+    use rlimit::Resource;
+    let (soft, hard) = match rlimit::getrlimit(Resource::NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    let raised = if soft < hard {
+        match rlimit::setrlimit(Resource::NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    tracing::info!(
+        soft_before = soft,
+        soft = raised,
+        hard,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    let needed = (rt.config.max_in_flight * (1 + rt.downstreams.len()) + 64) as u64;
+    if raised < needed {
+        tracing::warn!(
+            limit = raised,
+            needed,
+            max_in_flight = rt.config.max_in_flight,
+            "the open-file limit is below max_in_flight x (1 + servers) + 64: connections may fail under load"
+        );
     }
 }
 

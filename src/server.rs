@@ -86,16 +86,23 @@ pub fn admin_router(shared: Arc<Shared>) -> Router {
 
 async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    shared.metrics.in_flight.inc();
-    let _in_flight = InFlight(shared.metrics.in_flight.clone());
     // The whole request runs on the generation it started with, even if a reload lands meanwhile.
     let rt = shared.runtime.load_full();
+    // Before anything is read or signed: shedding must cost no RSA work. The permit is held
+    // until the answer is made (move it along if the decision ever runs in a task of its own).
+    let Some(_admitted) = shared.admission.try_admit(rt.config.max_in_flight) else {
+        return overloaded(&shared);
+    };
+    shared.metrics.in_flight.inc();
+    let _in_flight = InFlight(shared.metrics.in_flight.clone());
     let deadline = started + Duration::from_millis(rt.config.deadline_ms);
 
     // `headers` and the body are given away here, so that the connection's read buffer they
     // point into is freed as soon as the token is parsed, not when the answer goes out.
-    let read =
-        tokio::time::timeout_at(deadline, read_body(headers, body, rt.config.max_body_bytes));
+    let read = tokio::time::timeout_at(
+        deadline,
+        read_body(headers, body, rt.config.max_body_bytes, deadline),
+    );
     let mut answer = match read.await {
         Ok(Ok(bytes)) => decide_request(&shared, &rt, bytes, deadline).await,
         Ok(Err(answer)) => answer,
@@ -161,6 +168,26 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
         .into_response()
 }
 
+/// HTTP 503 with `Retry-After`, unsigned and unread: beyond `max_in_flight`, a signature would
+/// cost as much RSA as the work being shed. The TSS Node retries it as a failed call.
+fn overloaded(shared: &Shared) -> Response {
+    shared
+        .metrics
+        .requests
+        .with_label_values(&["unknown", crate::metrics::outcome::OVERLOADED])
+        .inc();
+    tracing::debug!("overloaded: answered 503 beyond max_in_flight");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, "1"),
+            (header::CONTENT_TYPE, "text/plain"),
+        ],
+        "overloaded: max_in_flight requests are being decided; retry later\n",
+    )
+        .into_response()
+}
+
 fn sign_for_node(rt: &Runtime, response: &CallbackResponse) -> String {
     let json = serde_json::to_vec(response).unwrap_or_default();
     protocol::sign_token(
@@ -182,9 +209,23 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
     }
 }
 
-/// Reads the body up to `limit` bytes; a larger one is refused from its Content-Length, or as
-/// soon as the limit is crossed, without buffering the rest.
-async fn read_body(headers: HeaderMap, body: Body, limit: usize) -> Result<Bytes, Answer> {
+/// A body above `max_body_bytes` is still read and thrown away, up to this many bytes in all,
+/// so that a client that sends the whole body before reading gets its status-10 answer rather
+/// than a connection reset by unread data (a lingering close).
+const LINGER_BYTES: u64 = 64 << 20;
+/// ... and for at most this long (never past the request's deadline).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the body up to `limit` bytes. A larger one is refused from its Content-Length, or as
+/// soon as the limit is crossed, without keeping any of it: the rest is drained (bounded by
+/// [`LINGER_BYTES`], [`LINGER_TIME`] and `deadline`) so the client can read the refusal.
+async fn read_body(
+    headers: HeaderMap,
+    mut body: Body,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, Answer> {
+    use http_body_util::BodyExt;
     let too_large = || {
         invalid(
             Status::InvalidRequest,
@@ -197,24 +238,59 @@ async fn read_body(headers: HeaderMap, body: Body, limit: usize) -> Result<Bytes
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        // A client waiting for `100 Continue` has sent nothing and is told no without it.
+        let expects_continue = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects_continue && n <= LINGER_BYTES {
+            linger(body, 0, deadline).await;
+        }
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return too_large();
-            }
-            source = s.source();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            invalid(
+                Status::InvalidRequest,
+                String::new(),
+                None,
+                format!("request body could not be read: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > limit {
+            drop(chunks);
+            linger(body, read as u64, deadline).await;
+            return Err(too_large());
         }
-        invalid(
-            Status::InvalidRequest,
-            String::new(),
-            None,
-            format!("request body could not be read: {e}"),
-        )
+        chunks.push(data);
+    }
+    // Most bodies arrive in one chunk, which is then kept without a copy.
+    Ok(match chunks.as_slice() {
+        [one] => one.clone(),
+        many => many.concat().into(),
     })
+}
+
+/// Reads and discards what is left of `body` (a lingering close), until it ends, `read` reaches
+/// [`LINGER_BYTES`], [`LINGER_TIME`] passes or `deadline` comes.
+async fn linger(mut body: Body, mut read: u64, deadline: Instant) {
+    use http_body_util::BodyExt;
+    let until = deadline.min(Instant::now() + LINGER_TIME);
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(until, drain).await;
 }
 
 /// The `TSS_JWT_MSG` field of a form body; exactly one must be there.

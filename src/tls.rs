@@ -9,7 +9,7 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{ListenerTls, ServerConfig};
+use crate::config::{Http2, ListenerTls, ServerConfig};
 
 /// A TLS setting that could not be loaded: the config field and why.
 #[derive(Debug)]
@@ -29,9 +29,14 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| err(field, path, e))
 }
 
-/// The HTTP client for one downstream, with its TLS options.
+/// The HTTP client for one downstream, with its TLS options and HTTP version (`http2`), all
+/// through reqwest: ALPN and HTTP/2 framing are its code, not ours.
 pub fn downstream_client(s: &ServerConfig, timeout: Duration) -> Result<reqwest::Client, TlsError> {
-    let mut b = crate::client::builder(timeout);
+    let mut b = match s.http2 {
+        Http2::Auto => crate::client::builder(timeout),
+        Http2::Always => crate::client::builder(timeout).http2_prior_knowledge(),
+        Http2::Never => crate::client::builder(timeout).http1_only(),
+    };
     if let Some(path) = &s.ca_file {
         let certs = reqwest::Certificate::from_pem_bundle(&read("ca_file", path)?)
             .map_err(|e| err("ca_file", path, e))?;
