@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: gateway process + in-process downstreams + baselines; prints a Markdown table.
-#   bash scripts/bench.sh            # full run (~2 minutes)
+#   bash scripts/bench.sh            # full run (~5 minutes)
 #   bash scripts/bench.sh --quick    # a few seconds per scenario
-#   bash scripts/bench.sh --only AB  # some scenarios (A, B, C, D)
+#   bash scripts/bench.sh --only AB  # some scenarios (A, B, C, D, E)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bins

@@ -139,7 +139,7 @@ fn rss_formula_mb(n: usize, in_flight: usize, http2: bool, other_connections: us
 const RSS_FIXED_MB: f64 = 16.0;
 const RSS_PER_REQUEST_KB: f64 = 32.0;
 const RSS_PER_H1_CALL_KB: f64 = 24.0;
-const RSS_PER_H2_CALL_KB: f64 = 8.0;
+const RSS_PER_H2_CALL_KB: f64 = 10.0;
 const RSS_PER_CONNECTION_KB: f64 = 16.0;
 
 async fn setup(
