@@ -367,7 +367,7 @@ async fn no_combination_of_behaviours_approves_unless_everything_approved() {
         "embedded_risk_control_rules:\n  enable: true\n  key_share_sign: { reject_all: true }\n";
     let entries: Vec<Entry> = servers
         .iter()
-        .map(|s| entry(s, "timeout_ms: 150"))
+        .map(|s| entry(s, "timeout_ms: 400"))
         .collect();
     let gw = Gateway::start(&entries, rules).await;
     let mut cases = Vec::new();
