@@ -270,7 +270,7 @@ impl CallbackRequest {
         let keys: TopLevelKeys =
             serde_json::from_slice(bytes).map_err(|e| PayloadError::Json(e.to_string()))?;
         if let Some(key) = keys.0.into_iter().find(|k| is_response_field(k)) {
-            return Err(PayloadError::ReservedKey(client_snippet(&key)));
+            return Err(PayloadError::ReservedKey(key_snippet(&key)));
         }
         Ok(req)
     }
@@ -318,7 +318,7 @@ fn is_response_field(key: &str) -> bool {
     folded == "status" || folded == "action"
 }
 
-fn client_snippet(text: &str) -> String {
+fn key_snippet(text: &str) -> String {
     text.chars().take(32).collect()
 }
 
