@@ -181,6 +181,9 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
         }
         let reason = if forced { "SIGHUP" } else { "file change" };
         let _ = reload(&shared, &path, reason);
+        if forced {
+            shared.reopen_audit();
+        }
         // Follow the files the new config names, whether or not it loaded, so fixing a key file
         // named by a refused config also triggers a reload.
         files = watched_files(&path);
