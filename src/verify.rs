@@ -248,7 +248,9 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
                 });
             let successor_next =
                 next_prev.as_deref() == Some(expected.as_str()) && next_seq == Some(chain.seq + 1);
-            let why = if chain.fresh {
+            let why = if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
+                "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
+            } else if chain.fresh {
                 if seq > 1 {
                     format!("deleted: the chain starts at seq {seq} with a non-zero `prev`: earlier records are missing (give the older rotated files first, or --mid-chain if retention removed them)")
                 } else {

@@ -184,7 +184,12 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
 
     // The real logrotate, with the shipped config: rename, create, then SIGHUP.
     let state = dir.path().join("logrotate.state");
-    let out = Command::new("logrotate")
+    // Debian installs it in /usr/sbin, which is not on every user's PATH.
+    let logrotate = ["/usr/sbin/logrotate", "/usr/bin/logrotate"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("logrotate");
+    let out = Command::new(logrotate)
         .args([
             "-f",
             "-s",
