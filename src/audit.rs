@@ -117,6 +117,31 @@ struct CheckpointRecord<'a> {
     checkpoint: Checkpoint<'a>,
 }
 
+/// The chain head saved at shutdown (`<audit_log>.head`).
+#[derive(Serialize, serde::Deserialize)]
+struct SavedHead {
+    seq: u64,
+    head: String,
+}
+
+fn head_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// The 32 bytes of a 64-digit hex SHA-256.
+pub fn parse_hex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -161,7 +186,14 @@ impl AuditLog {
     /// Opens (creating it and its folder if needed) the log at `path` and picks up the head of
     /// its chain from its last line.
     pub fn open(path: &Path) -> std::io::Result<AuditLog> {
-        let state = State::open(path, None)?;
+        // Left by the last clean shutdown: where the chain stood, in case the file was rotated
+        // away while the gateway was stopped. Only valid until the next start.
+        let saved = fs::read(head_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SavedHead>(&b).ok())
+            .and_then(|h| Some((parse_hex(&h.head)?, h.seq)));
+        let state = State::open(path, saved)?;
+        let _ = fs::remove_file(head_path(path));
         Ok(AuditLog {
             path: path.to_owned(),
             state: Mutex::new(state),
@@ -207,14 +239,23 @@ impl AuditLog {
         self.lock().follow(&self.path, signer)
     }
 
-    /// Seals the log and flushes file data to disk (at shutdown).
+    /// Seals the log, flushes file data to disk and saves the chain head beside it (at
+    /// shutdown), so a file rotated away before the next start is still continued.
     pub fn close(&self, signer: &Signer) -> std::io::Result<()> {
         let mut state = self.lock();
         state.follow(&self.path, signer)?;
         if state.unsealed > 0 {
             state.seal(signer, Seal::Shutdown)?;
         }
-        state.file.sync_data()
+        state.file.sync_data()?;
+        let saved = serde_json::to_vec(&SavedHead {
+            seq: state.seq,
+            head: hex(&state.head),
+        })?;
+        if let Err(e) = fs::write(head_path(&self.path), saved) {
+            tracing::warn!(error = %e, "cannot save the audit chain head");
+        }
+        Ok(())
     }
 
     /// Flushes file data to disk.
@@ -230,8 +271,8 @@ impl AuditLog {
 // === impl State ===
 
 impl State {
-    /// Opens `path` for append. The chain continues from `from` (a rotation) when the file is
-    /// empty, else from the file's last line.
+    /// Opens `path` for append. The chain continues from `from` (a rotation, or the head saved
+    /// at the last shutdown) when the file is empty, else from the file's last line.
     fn open(path: &Path, from: Option<([u8; 32], u64)>) -> std::io::Result<State> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;

@@ -17,7 +17,7 @@ use std::time::Instant;
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::audit::{checkpoint_message, hex, key_id, line_hash, GENESIS};
+use crate::audit::{checkpoint_message, hex, key_id, line_hash, parse_hex, GENESIS};
 use crate::keys::Verifier;
 
 /// How to verify.
@@ -359,16 +359,4 @@ fn check_checkpoint(
             }
         }
     }
-}
-
-fn parse_hex(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
 }

@@ -256,6 +256,47 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rotated_while_the_gateway_was_stopped_is_continued() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}/v2/check");
+    let config = write_config(dir.path(), addr, &ds, "");
+    let log = dir.path().join("audit.jsonl");
+    let gw = spawn_run(&config, addr);
+    send_n(&url, "before", 2).await;
+    stop(gw);
+    let rotated = dir.path().join("audit.jsonl-20261127");
+    std::fs::rename(&log, &rotated).unwrap();
+    let gw = spawn_run(&config, addr);
+    send_n(&url, "after", 2).await;
+    stop(gw);
+    let old = lines(&rotated);
+    assert_eq!(
+        json(&lines(&log)[0])["prev"],
+        sha256_hex(old.last().unwrap().as_bytes())
+    );
+    let (code, out, err) = verify(&[&rotated, &log], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 4 records in 2 file(s)"), "{out}");
+}
+
+#[test]
+fn demo_ends_by_verifying_its_audit_log() {
+    let (code, out, err) = cli(&["demo"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let last = out
+        .lines()
+        .find(|l| l.starts_with("audit verify: "))
+        .unwrap_or_else(|| panic!("no audit verify line in {out}"));
+    assert!(
+        last.contains("intact: 8 records") && last.contains("1 checkpoints verified"),
+        "{last}"
+    );
+    assert!(last.contains("pinned"), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rename_or_delete_the_next_record_goes_to_a_new_file() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
     let gw = Gateway::start(&[entry(&ds, "")], "audit_log: audit.jsonl").await;
