@@ -214,7 +214,7 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
         let Some(line) = buf.strip_suffix(b"\n") else {
             return Err(broken(
                 lineno,
-                "incomplete last line (the file was cut inside a record)".into(),
+                "deleted: incomplete last line (the file was cut inside a record)".into(),
             ));
         };
         let hash = line_hash(line);
@@ -241,6 +241,15 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
                 None
             };
             let (next_seq, next_prev) = following.unwrap_or((None, None));
+            // And at the line after it: does the chain carry on normally from the next line?
+            let next_hash = hex(&line_hash(next.strip_suffix(b"\n").unwrap_or(&next)));
+            let mut after = Vec::new();
+            let carries_on = have_next
+                && reader.read_until(b'\n', &mut after).map_err(unreadable)? > 0
+                && serde_json::from_slice::<Line<'_>>(after.strip_suffix(b"\n").unwrap_or(&after))
+                    .ok()
+                    .and_then(|p| p.prev.map(|x| x == next_hash))
+                    .unwrap_or(false);
             let intact_here = next_prev.as_deref() == Some(hex(&hash).as_str())
                 || parsed.checkpoint.as_ref().is_some_and(|cp| {
                     check_checkpoint(cp, prev, seq, parsed.ts.as_deref().unwrap_or(""), opts)
@@ -250,16 +259,16 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
                 next_prev.as_deref() == Some(expected.as_str()) && next_seq == Some(chain.seq + 1);
             let why = if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
                 "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
+            } else if successor_next && seq > chain.seq + 1 && !carries_on {
+                format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
+            } else if successor_next {
+                "inserted: this line is not part of the chain (the next line chains to the one before it)".into()
             } else if chain.fresh {
                 if seq > 1 {
                     format!("deleted: the chain starts at seq {seq} with a non-zero `prev`: earlier records are missing (give the older rotated files first, or --mid-chain if retention removed them)")
                 } else {
                     "edited: the first record's `prev` is not 64 zeros".into()
                 }
-            } else if successor_next && seq > chain.seq + 1 {
-                format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
-            } else if successor_next {
-                "inserted: this line is not part of the chain (the next line chains to the one before it)".into()
             } else if seq <= chain.seq || next_seq.is_some_and(|n| n < seq) {
                 format!("reordered: seq {seq} after seq {}", chain.seq)
             } else if seq == chain.seq + 1 {
@@ -317,7 +326,7 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
         } else {
             return Err(broken(
                 lineno + 1,
-                format!("deleted: the file ends {unsealed_here} record(s) after its last checkpoint: cut short, or not closed by the gateway (still running, or killed); --live accepts an open last file"),
+                format!("deleted: the file was cut short: it ends {unsealed_here} record(s) after its last checkpoint (or the gateway has not closed it: still running, or killed; --live accepts an open last file)"),
             ));
         }
     }

@@ -409,8 +409,8 @@ fn verify_lines(dir: &Path, name: &str, lines: &[String]) -> (i32, String) {
 fn assert_broken(result: (i32, String), at: &str, why: &str) {
     let (code, out) = result;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains(at), "{at:?} not in {out:?}");
-    assert!(out.contains(why), "{why:?} not in {out:?}");
+    let expected = format!("{at} {why}");
+    assert!(out.contains(&expected), "{expected:?} not in {out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,6 +460,26 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
         "inserted.jsonl:7:",
         "inserted",
     );
+    // At the very start: the first line deleted, a line put before it, the first two swapped.
+    assert_broken(
+        verify_lines(d, "head-deleted.jsonl", &all[1..]),
+        "head-deleted.jsonl:1:",
+        "deleted",
+    );
+    let mut t = all.clone();
+    t.insert(0, all[2].clone());
+    assert_broken(
+        verify_lines(d, "head-inserted.jsonl", &t),
+        "head-inserted.jsonl:1:",
+        "inserted",
+    );
+    let mut t = all.clone();
+    t.swap(0, 1);
+    assert_broken(
+        verify_lines(d, "head-swapped.jsonl", &t),
+        "head-swapped.jsonl:1:",
+        "reordered",
+    );
     // Two lines swapped.
     let mut t = all.clone();
     t.swap(6, 7);
@@ -472,19 +492,23 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     assert_broken(
         verify_lines(d, "cut.jsonl", &all[..11]),
         "cut.jsonl:12:",
-        "cut short",
+        "deleted: the file was cut short",
     );
     assert_broken(
         verify_lines(d, "cut2.jsonl", &all[..7]),
         "cut2.jsonl:8:",
-        "cut short",
+        "deleted: the file was cut short",
     );
     // Cut inside a line.
     let path = d.join("cut3.jsonl");
     let text: String = all.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&path, &text[..text.len() - 10]).unwrap();
     let (code, out, _) = verify(&[&path], &[]);
-    assert_broken((code, out), "cut3.jsonl:13:", "incomplete");
+    assert_broken(
+        (code, out),
+        "cut3.jsonl:13:",
+        "deleted: incomplete last line",
+    );
     // A checkpoint whose signature was altered.
     let mut t = all.clone();
     let sig = json(&t[9])["checkpoint"]["signature"]
@@ -510,7 +534,7 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     assert_broken(
         (code, out),
         "intact.jsonl:5:",
-        "not signed by the pinned gateway key",
+        "bad checkpoint: not signed by the pinned gateway key",
     );
     // Unreadable.
     let (code, _, err) = verify(&[&d.join("missing.jsonl")], &[]);
