@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# --- Debian packages: openssl (test keys in every PEM form), prometheus + promtool (observability)
+# --- Debian packages: openssl (test keys in every PEM form), prometheus + promtool (observability),
+# logrotate (tests/audit.rs rotates the audit log with the shipped deploy/logrotate config)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v logrotate >/dev/null || [[ -x /usr/sbin/logrotate ]] || need+=(logrotate)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   log "installing Debian packages: ${need[*]}"

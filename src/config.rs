@@ -89,6 +89,13 @@ pub struct Config {
     pub health_check_interval_ms: u64,
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Each audit record also carries the verified CallbackRequest (for `replay`).
+    #[serde(default)]
+    pub audit_payloads: bool,
+    /// A signed checkpoint closes every this many audit records (and every file, at shutdown and
+    /// rotation).
+    #[serde(default = "default_audit_checkpoint_every")]
+    pub audit_checkpoint_every: u64,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default)]
@@ -199,6 +206,9 @@ fn default_deadline_ms() -> u64 {
 }
 fn default_health_check_interval_ms() -> u64 {
     10_000
+}
+fn default_audit_checkpoint_every() -> u64 {
+    crate::audit::DEFAULT_CHECKPOINT_EVERY
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024
@@ -343,6 +353,12 @@ impl Config {
             return Err(field(
                 "deadline_ms".into(),
                 "must be between 1 and 600000".into(),
+            ));
+        }
+        if self.audit_checkpoint_every == 0 {
+            return Err(field(
+                "audit_checkpoint_every".into(),
+                "must be at least 1".into(),
             ));
         }
         if self.max_body_bytes < 1024 {

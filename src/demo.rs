@@ -180,6 +180,20 @@ pub async fn run() -> Result<(), DemoError> {
         println!(
             "\naudit log: {lines} lines appended (one per answer, written before it was sent)"
         );
+        // Close the log with a signed checkpoint, as a shutdown does, and check the chain.
+        if let Some(audit) = shared.audit.load_full() {
+            audit
+                .close(&shared.runtime.load().signer)
+                .map_err(setup("audit log checkpoint"))?;
+        }
+        let opts = crate::verify::Options {
+            pinned: Some(gateway_pub.clone()),
+            ..Default::default()
+        };
+        match crate::verify::verify(std::slice::from_ref(p), &opts) {
+            Ok(summary) => println!("audit verify: {summary}"),
+            Err(failure) => return Err(DemoError::Setup(format!("audit verify: {failure}"))),
+        }
     }
     println!(
         "metrics: {} series exposed at /metrics",

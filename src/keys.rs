@@ -109,6 +109,17 @@ impl Signer {
         sig
     }
 
+    /// The matching public key as SPKI DER (`BEGIN PUBLIC KEY` contents), as audit checkpoints
+    /// carry it.
+    pub fn public_spki_der(&self) -> Vec<u8> {
+        // The public half of a key pair that loaded always encodes.
+        self.key
+            .public_key()
+            .as_der()
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or_default()
+    }
+
     /// The matching public key, for tests and the demo.
     pub fn verifier(&self) -> Verifier {
         let der = self.key.public_key().as_ref().to_vec();
@@ -170,6 +181,13 @@ impl Verifier {
             keys.push(key);
         }
         Ok(Verifier { keys })
+    }
+
+    /// An RSA public key from its DER (SPKI or PKCS#1), as an audit checkpoint carries it.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+            .ok()
+            .map(|k| Verifier { keys: vec![k] })
     }
 
     /// True when `sig` is a valid RS256 signature of `message` by one of these keys.

@@ -20,12 +20,14 @@ pub mod metrics;
 pub mod probe;
 pub mod protocol;
 pub mod reload;
+pub mod replay;
 pub mod rules;
 pub mod runtime;
 pub mod sample_server;
 pub mod serve;
 pub mod server;
 pub mod tls;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -68,6 +70,15 @@ impl Shared {
         };
         shared.set_config_gauges();
         Ok(Arc::new(shared))
+    }
+
+    /// Moves the audit log to a new file if the open one was renamed or deleted (SIGHUP).
+    pub fn reopen_audit(&self) {
+        if let Some(audit) = self.audit.load_full() {
+            if let Err(e) = audit.reopen(&self.runtime.load().signer) {
+                tracing::error!(path = %audit.path().display(), error = %e, "cannot reopen the audit log");
+            }
+        }
     }
 
     /// `tss_gateway_callback_servers{mode}` and the last-success timestamp, for the current

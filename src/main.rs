@@ -62,6 +62,43 @@ enum Command {
     },
     /// Run keys, sample downstreams, the gateway and a simulated TSS Node in one process.
     Demo,
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Re-decide recorded requests under a candidate config, calling nobody (exit 0 none would
+    /// change, 1 some would, 2 error).
+    Replay {
+        /// The candidate config.
+        #[arg(short, long, value_name = "CANDIDATE")]
+        config: PathBuf,
+        /// Audit files recorded with `audit_payloads: true`, oldest first.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        audit: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that audit files, oldest first (rotated ones included), form one unbroken hash
+    /// chain (exit 0 intact, 1 naming the first bad file:line, 2 unreadable).
+    Verify {
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// Accept only checkpoints signed by this gateway public key (PEM; several keys allowed).
+        #[arg(long, value_name = "PUB", conflicts_with = "config")]
+        key: Option<PathBuf>,
+        /// Accept only checkpoints signed by this config's gateway_private_key.
+        #[arg(short, long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
+        /// The last file is still being written: accept records after its last checkpoint.
+        #[arg(long)]
+        live: bool,
+        /// The first file continues a chain whose older files were removed (retention).
+        #[arg(long)]
+        mid_chain: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,6 +215,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    files,
+                    key,
+                    config,
+                    live,
+                    mid_chain,
+                },
+        } => audit_verify(&files, key, config, live, mid_chain),
+        Command::Replay { config, audit } => replay(&config, &audit),
         Command::Demo => {
             init_logs(LogFormat::Text, "warn");
             match runtime().block_on(tss_callback_gateway::demo::run()) {
@@ -187,6 +235,74 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+fn audit_verify(
+    files: &[PathBuf],
+    key: Option<PathBuf>,
+    config: Option<PathBuf>,
+    live: bool,
+    mid_chain: bool,
+) -> ExitCode {
+    use tss_callback_gateway::keys::{Signer, Verifier};
+    let pinned = match (key, config) {
+        (Some(k), _) => Verifier::load(&k).map(Some).map_err(|e| e.to_string()),
+        (None, Some(c)) => tss_callback_gateway::config::Config::load(&c)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Signer::load(&c.gateway_private_key).map_err(|e| e.to_string()))
+            .map(|s| Some(s.verifier())),
+        (None, None) => Ok(None),
+    };
+    let pinned = match pinned {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = tss_callback_gateway::verify::Options {
+        pinned,
+        live,
+        mid_chain,
+    };
+    match tss_callback_gateway::verify::verify(files, &opts) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            if failure.exit_code() == 1 {
+                println!("{failure}");
+            } else {
+                eprintln!("error: {failure}");
+            }
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn replay(config: &std::path::Path, files: &[PathBuf]) -> ExitCode {
+    let candidate = match tss_callback_gateway::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match tss_callback_gateway::replay::replay(&candidate, files, |change| println!("{change}")) {
+        Ok(report) => {
+            println!("{report}");
+            if report.changed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

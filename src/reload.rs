@@ -212,6 +212,10 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
         // Follow the files the new config names, whether or not it loaded, so fixing a key file
         // named by a refused config also triggers a reload.
         seen = reload_until_current(&shared, &path, reason, &current);
+        if forced {
+            // SIGHUP is also logrotate's way to say the audit file was moved.
+            shared.reopen_audit();
+        }
         watch_dirs(&mut watcher, &seen, &mut dirs);
     }
 }

@@ -81,8 +81,9 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     serve(listener, shared.clone(), shutdown).await;
 
     if let Some(audit) = shared.audit.load_full() {
-        if let Err(e) = audit.sync() {
-            tracing::error!(error = %e, "audit log sync failed at shutdown");
+        // A signed checkpoint closes the file, so `audit verify` can tell it was not cut short.
+        if let Err(e) = audit.close(&shared.runtime.load().signer) {
+            tracing::error!(error = %e, "audit log checkpoint or sync failed at shutdown");
         }
     }
     tracing::info!("gateway stopped");

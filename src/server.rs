@@ -30,6 +30,8 @@ struct Answer {
     verdicts: Vec<Verdict>,
     /// Answered from an identical twin's evaluation (a TSS Node retry), not by asking again.
     duplicate: bool,
+    /// The verified CallbackRequest, kept only with `audit_payloads: true`.
+    request: Option<serde_json::Value>,
 }
 
 /// The evaluation of one request: what the rules and the downstreams said. Shared between
@@ -129,8 +131,10 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
             servers: &answer.verdicts,
             config_generation: rt.generation,
             duplicate: answer.duplicate,
+            request: answer.request.as_ref(),
         };
-        if let Err(e) = audit.append(&record) {
+        let appended = audit.append(&record, &rt.signer, rt.config.audit_checkpoint_every);
+        if let Err(e) = appended {
             // An answer that cannot be audited is not given as an approval.
             tracing::error!(path = %audit.path().display(), error = %e, "audit log write failed");
             if answer.decision.is_approval() {
@@ -206,6 +210,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         embedded: "not_evaluated".into(),
         verdicts: Vec::new(),
         duplicate: false,
+        request: None,
     }
 }
 
@@ -345,6 +350,12 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: In
     };
     let code = request.request_type;
     let request_id = request.request_id.clone();
+    // Otherwise the payload is dropped as soon as it is forwarded (memory under load).
+    let recorded = if rt.config.audit_payloads {
+        serde_json::from_slice(&package).ok()
+    } else {
+        None
+    };
     let digest = dedup::digest(&package);
     let ttl = Duration::from_secs(rt.config.token_expire_minutes * 60);
     let lookup = shared
@@ -367,12 +378,15 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: In
                 request_id = %crate::client::snippet(&request_id),
                 "suspicious: request_id already used with a different payload"
             );
-            invalid(
-                Status::InvalidRequest,
-                request_id,
-                Some(code),
-                "request_id was already used with a different payload".into(),
-            )
+            Answer {
+                request: recorded,
+                ..invalid(
+                    Status::InvalidRequest,
+                    request_id,
+                    Some(code),
+                    "request_id was already used with a different payload".into(),
+                )
+            }
         }
         Lookup::Done { value, shared } => Answer {
             request_id,
@@ -381,6 +395,7 @@ async fn decide_request(shared: &Shared, rt: &Runtime, body: Bytes, deadline: In
             embedded: value.embedded.clone(),
             verdicts: value.verdicts.clone(),
             duplicate: shared,
+            request: recorded,
         },
     }
 }

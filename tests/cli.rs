@@ -285,10 +285,13 @@ async fn run_probe_and_graceful_shutdown() {
         "still listening"
     );
     let audit = std::fs::read_to_string(dir.path().join("audit/decisions.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = audit
+    let mut lines: Vec<serde_json::Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // The shutdown closes the hash-chained log with a signed checkpoint.
+    let closing = lines.pop().unwrap();
+    assert_eq!(closing["checkpoint"]["reason"], "shutdown", "{audit}");
     assert_eq!(lines.len(), 4, "{audit}");
     assert_eq!(lines[3]["request_id"], "in-flight");
     for l in &lines {
