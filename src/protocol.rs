@@ -394,6 +394,24 @@ pub fn sign_token(signer: &Signer, package: &[u8], iss: &str, expire_secs: i64) 
     token
 }
 
+/// [`sign_token`] on the bounded signing pool ([`crate::keys::on_signing_pool`]), off the async
+/// worker threads: what the request path uses. Returns an empty string (which no one accepts:
+/// fail closed) only if the signing job could not run.
+pub async fn sign_token_pooled(
+    signer: &Signer,
+    package: Vec<u8>,
+    iss: String,
+    expire_secs: i64,
+) -> String {
+    let signer = signer.clone();
+    crate::keys::on_signing_pool(move || sign_token(&signer, &package, &iss, expire_secs))
+        .await
+        .unwrap_or_else(|| {
+            tracing::error!("signing job failed; answering with an empty token");
+            String::new()
+        })
+}
+
 /// Verifies an RS256 token with `verifier` and returns its claims, `package_data` decoded.
 pub fn verify_token(token: &str, verifier: &Verifier, now: i64) -> Result<Claims, TokenError> {
     let token = token.trim();

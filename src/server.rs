@@ -162,7 +162,7 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
         answer.decision.action,
         answer.decision.error,
     );
-    let token = sign_for_node(&rt, &response);
+    let token = sign_for_node(&rt, &response).await;
     // The token is base64url and dots only, so quoting it makes a valid JSON string.
     (
         StatusCode::OK,
@@ -192,14 +192,15 @@ fn overloaded(shared: &Shared) -> Response {
         .into_response()
 }
 
-fn sign_for_node(rt: &Runtime, response: &CallbackResponse) -> String {
+async fn sign_for_node(rt: &Runtime, response: &CallbackResponse) -> String {
     let json = serde_json::to_vec(response).unwrap_or_default();
-    protocol::sign_token(
+    protocol::sign_token_pooled(
         &rt.signer,
-        &json,
-        &rt.config.service_name,
+        json,
+        rt.config.service_name.clone(),
         rt.config.token_expire_minutes as i64 * 60,
     )
+    .await
 }
 
 fn invalid(status: Status, request_id: String, code: Option<i64>, error: String) -> Answer {
@@ -451,13 +452,15 @@ async fn ask_downstreams(
         return (decide(rules, &[]), Vec::new());
     }
     // One signature for all downstreams: they all get the node's exact bytes.
-    let form = crate::client::form_body(&protocol::sign_token(
-        rt.request_signer(),
-        &package,
-        &rt.config.service_name,
-        rt.config.token_expire_minutes as i64 * 60,
-    ));
-    drop(package);
+    let form = crate::client::form_body(
+        &protocol::sign_token_pooled(
+            rt.request_signer(),
+            package,
+            rt.config.service_name.clone(),
+            rt.config.token_expire_minutes as i64 * 60,
+        )
+        .await,
+    );
     let (mut verdicts, shadows) = fanout::fan_out(
         servers,
         form,

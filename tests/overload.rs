@@ -342,6 +342,97 @@ async fn beyond_max_in_flight_requests_get_503_unread_and_unsigned() {
     gw.stop().await;
 }
 
+/// A flood beyond `max_in_flight` while the admitted requests hold their places (their RSA work
+/// runs on the bounded signing pool, not on the threads that accept and shed): every shed
+/// request gets its 503 while the admitted ones are still held by the downstream, and once it
+/// answers every admitted one is approved. The downstream holds until released, so nothing here
+/// depends on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_shed_while_admitted_requests_are_held() {
+    const ADMITTED: usize = 8;
+    const FLOOD: usize = 200;
+    let k = keys();
+    let (release, held) = tokio::sync::watch::channel(false);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (key, waiting) = (k.servers[0].clone(), waiting.clone());
+        axum::Router::new().route(
+            "/v2/check",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (key, waiting, mut held) = (key.clone(), waiting.clone(), held.clone());
+                async move {
+                    let t = form_urlencoded::parse(&body)
+                        .find(|(k, _)| k == "TSS_JWT_MSG")
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default();
+                    let id = request_id_of(&open(&t, &keys().gateway.decoding()).unwrap());
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    let _ = held.wait_for(|released| *released).await;
+                    signed_body(
+                        &key,
+                        serde_json::json!({"request_id": id, "status": 0, "action": "APPROVE", "error": ""}),
+                        "held",
+                    )
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v2/check", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let stand_in = Downstream::start("held", &k.servers[0], always(Answer::approve()), 0).await;
+    let gw = Gateway::start(
+        &[entry_at(&stand_in, &url, "timeout_ms: 60000\n")],
+        &format!("max_in_flight: {ADMITTED}\ndeadline_ms: 60000"),
+    )
+    .await;
+
+    let admitted: Vec<_> = (0..ADMITTED)
+        .map(|i| {
+            let url = gw.url();
+            tokio::spawn(async move { send(&url, &request("key_sign", &format!("in-{i}"))).await })
+        })
+        .collect();
+    until("every admitted request reaches the server", || {
+        waiting.load(Ordering::SeqCst) == ADMITTED
+    })
+    .await;
+
+    let c = http();
+    let shed: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            let (c, url) = (c.clone(), gw.url());
+            tokio::spawn(async move {
+                c.post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(node_form(&request("key_sign", &format!("flood-{i}"))))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    for s in shed {
+        assert_eq!(
+            s.await.unwrap().expect("every flood request is answered"),
+            503
+        );
+    }
+    assert_eq!(
+        waiting.load(Ordering::SeqCst),
+        ADMITTED,
+        "all 503s arrived while the admitted requests were held, and none reached the server"
+    );
+    assert!(admitted.iter().all(|a| !a.is_finished()));
+
+    release.send_replace(true);
+    for a in admitted {
+        a.await.unwrap().expect(0, "APPROVE", &[]);
+    }
+    assert_eq!(gw.shared.admission.in_flight(), 0);
+    gw.stop().await;
+}
+
 /// The form body a TSS Node posts for `payload`.
 fn node_form(payload: &[u8]) -> Vec<u8> {
     let t = token(&keys().node.encoding(), payload, "tss-node");
