@@ -10,7 +10,12 @@
 //!   interleave the chain.
 //! - A checkpoint record, signed with the gateway key, closes every `audit_checkpoint_every`
 //!   records, and every file: at shutdown, and when the file was renamed or deleted (the closing
-//!   checkpoint goes to the old file, then the next record to a new file at the configured path).
+//!   checkpoint goes to the old file, then the next record to a new file at the configured path),
+//!   or when a reload points `audit_log` elsewhere.
+//! - A live log is sealed too: the record written while no other request is being decided is
+//!   followed, under the same lock and before its answer is sent, by a checkpoint; under steady
+//!   load (some request always in flight) a checkpoint follows within `audit_checkpoint_ms` of
+//!   the first unsealed record. So once every answer is out, the file ends in a checkpoint.
 //! - Each line goes out in a single `write` on a file opened for append, so a crash leaves
 //!   complete lines (the kernel has them once `write` returns, even if the process is killed).
 //! - Records hold verdicts and errors, and with `audit_payloads` the verified CallbackRequest;
@@ -22,7 +27,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use base64::Engine;
@@ -33,6 +40,10 @@ use crate::keys::Signer;
 
 /// Records between two interval checkpoints, unless `audit_checkpoint_every` says otherwise.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+
+/// The longest an audit record stays unsealed under steady load, unless `audit_checkpoint_ms`
+/// says otherwise.
+pub const DEFAULT_CHECKPOINT_MS: u64 = 1000;
 
 /// `prev` of the very first record of a chain.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -62,6 +73,34 @@ struct State {
     unsealed: u64,
     /// A write failed part-way: the file's end is re-read before the next record.
     dirty: bool,
+    /// When the oldest record not yet covered by a checkpoint was written.
+    unsealed_since: Option<Instant>,
+    /// A reload pointed `audit_log` elsewhere: a request that still writes here is sealed at once.
+    retired: bool,
+}
+
+/// Counts the requests that will write an audit record and have not yet, so that the one
+/// written last before the gateway goes idle can be sealed at once.
+#[derive(Debug, Default)]
+pub struct Pending {
+    count: AtomicUsize,
+    /// Woken when a request ends without writing a record and was the last one pending.
+    idle: tokio::sync::Notify,
+}
+
+/// One request's place in [`Pending`]; given back when its record is written, or when dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    pending: Arc<Pending>,
+    open: bool,
+}
+
+/// When to seal besides every `every` records: when the gateway goes idle, and `within` this
+/// long of the first unsealed record (`None`: neither).
+#[derive(Debug, Clone, Copy)]
+pub struct SealPolicy {
+    pub every: u64,
+    pub within: Option<Duration>,
 }
 
 /// One answered request.
@@ -97,6 +136,12 @@ pub enum Seal {
     Shutdown,
     /// The file was renamed or deleted: this checkpoint closes the old file.
     Rotation,
+    /// No request is being decided any more.
+    Idle,
+    /// `audit_checkpoint_ms` since the first unsealed record, under steady load.
+    Elapsed,
+    /// A reload pointed `audit_log` elsewhere: this checkpoint closes this file.
+    Reconfigured,
 }
 
 /// The `checkpoint` object of a checkpoint record.
@@ -204,22 +249,73 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends one record as one line, chained to the line before it; then a checkpoint signed
-    /// by `signer` if `every` records are now unsealed.
+    /// Appends one record as one line, chained to the line before it, and gives back `ticket`;
+    /// then a checkpoint signed by `signer` if `policy.every` records are now unsealed, if no
+    /// other request is pending (the gateway is going idle), or if the oldest unsealed record is
+    /// `policy.within` old.
     pub fn append(
         &self,
         record: &AuditRecord<'_>,
         signer: &Signer,
-        every: u64,
+        policy: SealPolicy,
+        ticket: Ticket,
     ) -> std::io::Result<()> {
         // Serialized outside the lock; only the chain fields are added under it.
         let body = serde_json::to_vec(record)?;
         let mut state = self.lock();
+        // Given back under the lock: whichever request writes the last pending record sees
+        // zero and seals, and one admitted after that check writes (and seals) after it.
+        let last = ticket.finish();
         state.follow(&self.path, signer)?;
         state.write_chained(&body)?;
         state.unsealed += 1;
-        if state.unsealed >= every.max(1) {
-            state.seal(signer, Seal::Interval)?;
+        state.unsealed_since.get_or_insert_with(Instant::now);
+        let why = if state.retired {
+            Some(Seal::Reconfigured)
+        } else if state.unsealed >= policy.every.max(1) {
+            Some(Seal::Interval)
+        } else {
+            policy.within.and_then(|within| {
+                if last {
+                    Some(Seal::Idle)
+                } else {
+                    state.due(within).then_some(Seal::Elapsed)
+                }
+            })
+        };
+        if let Some(why) = why {
+            state.seal(signer, why)?;
+        }
+        Ok(())
+    }
+
+    /// Seals unsealed records if `idle` (no request pending) or the oldest is `within` old.
+    pub fn seal_if_due(
+        &self,
+        signer: &Signer,
+        idle: bool,
+        within: Duration,
+    ) -> std::io::Result<()> {
+        let mut state = self.lock();
+        if state.unsealed == 0 {
+            return Ok(());
+        }
+        if idle {
+            state.seal(signer, Seal::Idle)
+        } else if state.due(within) {
+            state.seal(signer, Seal::Elapsed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Closes this file with a checkpoint when a reload points `audit_log` elsewhere; a request
+    /// that still writes here afterwards is sealed at once.
+    pub fn retire(&self, signer: &Signer) -> std::io::Result<()> {
+        let mut state = self.lock();
+        state.retired = true;
+        if state.unsealed > 0 {
+            state.seal(signer, Seal::Reconfigured)?;
         }
         Ok(())
     }
@@ -258,11 +354,6 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Flushes file data to disk.
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.lock().file.sync_data()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -290,6 +381,8 @@ impl State {
             seq: 0,
             unsealed: 0,
             dirty: false,
+            unsealed_since: None,
+            retired: false,
         };
         if let Some((head, seq)) = from {
             state.head = head;
@@ -322,6 +415,7 @@ impl State {
         // An unreadable last line counts as one record so the next checkpoint covers it.
         self.seq += u64::from(seq.is_none());
         self.unsealed = u64::from(!sealed);
+        self.unsealed_since = (!sealed).then(Instant::now);
         Ok(())
     }
 
@@ -346,7 +440,8 @@ impl State {
                 tracing::warn!(error = %e, "cannot write the closing checkpoint to the rotated audit log");
             }
         }
-        let next = State::open(path, Some((self.head, self.seq)))?;
+        let mut next = State::open(path, Some((self.head, self.seq)))?;
+        next.retired = self.retired;
         tracing::info!(path = %path.display(), "audit log rotated: writing to a new file");
         *self = next;
         Ok(())
@@ -396,7 +491,54 @@ impl State {
         };
         self.write_chained(&serde_json::to_vec(&record)?)?;
         self.unsealed = 0;
+        self.unsealed_since = None;
         Ok(())
+    }
+
+    /// The oldest unsealed record is `within` old.
+    fn due(&self, within: Duration) -> bool {
+        self.unsealed_since.is_some_and(|t| t.elapsed() >= within)
+    }
+}
+
+// === impl Pending ===
+
+impl Pending {
+    /// Counts one more request that will write a record.
+    pub fn enter(self: &Arc<Self>) -> Ticket {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            pending: self.clone(),
+            open: true,
+        }
+    }
+
+    /// No request is pending.
+    pub fn is_idle(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Resolves when the last pending request ended without writing a record.
+    pub async fn went_idle(&self) {
+        self.idle.notified().await;
+    }
+}
+
+// === impl Ticket ===
+
+impl Ticket {
+    /// Gives the place back; true if no other request is pending.
+    fn finish(mut self) -> bool {
+        self.open = false;
+        self.pending.count.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.open && self.pending.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.pending.idle.notify_one();
+        }
     }
 }
 
@@ -408,6 +550,9 @@ impl Seal {
             Seal::Interval => "interval",
             Seal::Shutdown => "shutdown",
             Seal::Rotation => "rotation",
+            Seal::Idle => "idle",
+            Seal::Elapsed => "elapsed",
+            Seal::Reconfigured => "reconfigured",
         }
     }
 }

@@ -96,6 +96,10 @@ pub struct Config {
     /// rotation).
     #[serde(default = "default_audit_checkpoint_every")]
     pub audit_checkpoint_every: u64,
+    /// Unsealed audit records get a checkpoint as soon as no request is being decided, and at
+    /// most this long after the first of them under steady load; 0 = only the checkpoints above.
+    #[serde(default = "default_audit_checkpoint_ms")]
+    pub audit_checkpoint_ms: u64,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default)]
@@ -209,6 +213,9 @@ fn default_health_check_interval_ms() -> u64 {
 }
 fn default_audit_checkpoint_every() -> u64 {
     crate::audit::DEFAULT_CHECKPOINT_EVERY
+}
+fn default_audit_checkpoint_ms() -> u64 {
+    crate::audit::DEFAULT_CHECKPOINT_MS
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024

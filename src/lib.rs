@@ -43,6 +43,8 @@ pub struct Shared {
     /// Swapped whole on reload; each request holds the generation it started with.
     pub runtime: ArcSwap<Runtime>,
     pub audit: ArcSwapOption<AuditLog>,
+    /// Requests that will write an audit record and have not yet.
+    pub audit_pending: Arc<audit::Pending>,
     pub metrics: Metrics,
     pub health: Health,
     /// Per process: replicas behind a load balancer each have their own.
@@ -63,6 +65,7 @@ impl Shared {
         let shared = Shared {
             runtime: ArcSwap::from_pointee(rt),
             audit: ArcSwapOption::new(audit),
+            audit_pending: Arc::default(),
             metrics,
             health: Health::default(),
             dedup: dedup::Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
@@ -77,6 +80,33 @@ impl Shared {
         if let Some(audit) = self.audit.load_full() {
             if let Err(e) = audit.reopen(&self.runtime.load().signer) {
                 tracing::error!(path = %audit.path().display(), error = %e, "cannot reopen the audit log");
+            }
+        }
+    }
+
+    /// Seals the audit log when the last pending request ended without a record (a dropped
+    /// connection), and within `audit_checkpoint_ms` under steady load; a record written while
+    /// no other is pending is sealed by [`audit::AuditLog::append`] itself. Runs until the process
+    /// ends.
+    pub async fn keep_audit_sealed(self: Arc<Self>) {
+        loop {
+            let ms = self.runtime.load().config.audit_checkpoint_ms;
+            // A quarter of the bound, so a record is sealed at most 1.25 x `ms` after it.
+            let tick = std::time::Duration::from_millis((ms / 4).clamp(10, 1000));
+            tokio::select! {
+                () = self.audit_pending.went_idle() => {}
+                () = tokio::time::sleep(tick) => {}
+            }
+            let Some(audit) = self.audit.load_full() else {
+                continue;
+            };
+            if ms == 0 {
+                continue;
+            }
+            let idle = self.audit_pending.is_idle();
+            let signer = &self.runtime.load().signer;
+            if let Err(e) = audit.seal_if_due(signer, idle, std::time::Duration::from_millis(ms)) {
+                tracing::error!(path = %audit.path().display(), error = %e, "audit log checkpoint failed");
             }
         }
     }

@@ -92,7 +92,20 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
         .collect();
     let generation = rt.generation;
     shared.runtime.store(Arc::new(rt));
-    shared.audit.store(audit);
+    let before = shared.audit.swap(audit);
+    if let Some(before) = before {
+        let same = shared
+            .audit
+            .load()
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, &before));
+        if !same {
+            // `audit_log` now names another file (or none): close this one with a checkpoint.
+            if let Err(e) = before.retire(&old.signer) {
+                tracing::error!(path = %before.path().display(), error = %e, "cannot close the old audit log");
+            }
+        }
+    }
     shared.health.prune_gauges(shared, &removed);
     shared.set_config_gauges();
     Ok(generation)

@@ -66,6 +66,7 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
 
     tokio::spawn(crate::health::run(shared.clone()));
     tokio::spawn(crate::reload::watch(shared.clone(), path.to_owned()));
+    tokio::spawn(shared.clone().keep_audit_sealed());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
         tracing::info!(admin_listen = ?admin.local_addr().ok(), "admin endpoints listening");

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::time::Instant;
 
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, SealPolicy};
 use crate::decision::{decide, Decision};
 use crate::dedup::{self, Lookup};
 use crate::fanout::{self, Verdict};
@@ -97,6 +97,7 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     };
     shared.metrics.in_flight.inc();
     let _in_flight = InFlight(shared.metrics.in_flight.clone());
+    let ticket = shared.audit_pending.enter();
     let deadline = started + Duration::from_millis(rt.config.deadline_ms);
 
     // `headers` and the body are given away here, so that the connection's read buffer they
@@ -133,7 +134,12 @@ async fn check(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
             duplicate: answer.duplicate,
             request: answer.request.as_ref(),
         };
-        let appended = audit.append(&record, &rt.signer, rt.config.audit_checkpoint_every);
+        let policy = SealPolicy {
+            every: rt.config.audit_checkpoint_every,
+            within: (rt.config.audit_checkpoint_ms > 0)
+                .then(|| Duration::from_millis(rt.config.audit_checkpoint_ms)),
+        };
+        let appended = audit.append(&record, &rt.signer, policy, ticket);
         if let Err(e) = appended {
             // An answer that cannot be audited is not given as an approval.
             tracing::error!(path = %audit.path().display(), error = %e, "audit log write failed");

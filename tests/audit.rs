@@ -155,7 +155,12 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let url = format!("http://{addr}/v2/check");
-    let config = write_config(dir.path(), addr, &ds, "audit_checkpoint_every: 4\n");
+    let config = write_config(
+        dir.path(),
+        addr,
+        &ds,
+        "audit_checkpoint_every: 4\naudit_checkpoint_ms: 0\n",
+    );
     let log = dir.path().join("audit.jsonl");
 
     let gw = spawn_run(&config, addr);
@@ -290,7 +295,7 @@ fn demo_ends_by_verifying_its_audit_log() {
         .find(|l| l.starts_with("audit verify: "))
         .unwrap_or_else(|| panic!("no audit verify line in {out}"));
     assert!(
-        last.contains("intact: 8 records") && last.contains("1 checkpoints verified"),
+        last.contains("intact: 8 records") && last.contains("checkpoints verified"),
         "{last}"
     );
     assert!(last.contains("pinned"), "{last}");
@@ -299,7 +304,11 @@ fn demo_ends_by_verifying_its_audit_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rename_or_delete_the_next_record_goes_to_a_new_file() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
-    let gw = Gateway::start(&[entry(&ds, "")], "audit_log: audit.jsonl").await;
+    let gw = Gateway::start(
+        &[entry(&ds, "")],
+        "audit_log: audit.jsonl\naudit_checkpoint_ms: 0",
+    )
+    .await;
     let log = gw.dir.path().join("audit.jsonl");
     send_n(&gw.url(), "a", 2).await;
 
@@ -338,7 +347,7 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
     let gw = Gateway::start(
         &[entry(&ds, "")],
-        "audit_log: audit.jsonl\naudit_checkpoint_every: 7",
+        "audit_log: audit.jsonl\naudit_checkpoint_every: 7\naudit_checkpoint_ms: 0",
     )
     .await;
     let url = gw.url();
@@ -384,7 +393,12 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
 async fn closed_log(dir: &Path) -> Vec<String> {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
     let addr = free_addr();
-    let config = write_config(dir, addr, &ds, "audit_checkpoint_every: 4\n");
+    let config = write_config(
+        dir,
+        addr,
+        &ds,
+        "audit_checkpoint_every: 4\naudit_checkpoint_ms: 0\n",
+    );
     let gw = spawn_run(&config, addr);
     send_n(&format!("http://{addr}/v2/check"), "t", 10).await;
     stop(gw);
@@ -723,4 +737,87 @@ async fn without_audit_payloads_no_request_is_recorded_and_replay_skips_every_re
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("3 records skipped"), "{out}");
     gw.stop().await;
+}
+
+// === a live log ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_log_verifies_once_every_answer_is_out_and_fails_when_cut_before_its_checkpoint() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}/v2/check");
+    // Default checkpoint settings: nothing but going idle seals 32 records.
+    let config = write_config(dir.path(), addr, &ds, "");
+    let log = dir.path().join("audit.jsonl");
+    let gw = spawn_run(&config, addr);
+    let tasks: Vec<_> = (0..32)
+        .map(|w| {
+            let url = url.clone();
+            tokio::spawn(async move { send_n(&url, &format!("live{w}"), 1).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The gateway is still running: the last record was sealed before its answer went out.
+    let (code, out, err) = verify(&[&log], &["--key", keys().gateway.spki.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 32 records"), "{out}");
+    let all = lines(&log);
+    let last = json(all.last().unwrap());
+    assert!(last.get("checkpoint").is_some(), "{last}");
+    // Cut before that checkpoint: the file no longer ends sealed.
+    let cut = all.len() - 1;
+    let (code, out) = verify_lines(dir.path(), "cut.jsonl", &all[..cut]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("cut.jsonl:{}:", cut + 1)), "{out}");
+    stop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}/v2/check");
+    // Only interval, shutdown, rotation and reconfiguration checkpoints.
+    let config = write_config(dir.path(), addr, &ds, "audit_checkpoint_ms: 0\n");
+    let old = dir.path().join("audit.jsonl");
+    let new = dir.path().join("moved.jsonl");
+    let gw = spawn_run(&config, addr);
+    send_n(&url, "old", 3).await;
+    let (code, out, _) = verify(&[&old], &[]);
+    assert_eq!(code, 1, "unsealed before the reload: {out}");
+    std::fs::write(
+        &config,
+        config_yaml(
+            addr,
+            &[entry(&ds, "")],
+            "audit_log: moved.jsonl\naudit_checkpoint_ms: 0\n",
+        ),
+    )
+    .unwrap();
+    kill(&gw, "HUP");
+    let mut closed = false;
+    for _ in 0..200 {
+        let last = lines(&old).last().map(|l| json(l));
+        if last.is_some_and(|l| l["checkpoint"]["reason"] == "reconfigured") {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        closed,
+        "no closing checkpoint in the old file after the reload"
+    );
+    let (code, out, err) = verify(&[&old], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 3 records"), "{out}");
+    send_n(&url, "new", 1).await;
+    stop(gw);
+    assert_eq!(request_ids(&[&new]), vec!["new-0".to_owned()]);
+    let (code, out, _) = verify(&[&new], &[]);
+    assert_eq!(code, 0, "{out}");
 }

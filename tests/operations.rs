@@ -37,15 +37,9 @@ async fn identical_retries_share_one_fan_out_and_definitive_decisions_are_rememb
     assert!(r.elapsed < Duration::from_millis(250), "{:?}", r.elapsed);
     assert_eq!(a.calls(), 1);
     // Every answer is audited; retries are marked.
-    let audit = std::fs::read_to_string(gw.dir.path().join("audit.jsonl")).unwrap();
-    assert_eq!(audit.lines().count(), 6);
-    assert_eq!(
-        audit
-            .lines()
-            .filter(|l| l.contains("\"duplicate\":true"))
-            .count(),
-        5
-    );
+    let records = gw.audit_records();
+    assert_eq!(records.len(), 6);
+    assert_eq!(records.iter().filter(|r| r["duplicate"] == true).count(), 5);
 
     // Same request_id, different payload: refused as suspicious, nobody asked.
     let other = request("key_gen", "retry-me");
