@@ -88,20 +88,13 @@ async fn https_servers_get_http2_by_alpn_unless_pinned_to_http1() {
     let pki = Pki::new();
     let k = keys();
     let ca = pki.ca_file();
+    let offering_h2 = || Some(pki.acceptor_offering(&[b"h2", b"http/1.1"]));
 
-    let h2 = versioned_server(
-        &k.servers[0],
-        Some(pki.acceptor_offering(&[b"h2", b"http/1.1"])),
-    )
-    .await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(&h2, &k.servers[0], &ca, "alpn-auto", 4).await;
     assert_eq!(h2.versions(), vec![Version::HTTP_2; 4], "auto over TLS");
 
-    let h2 = versioned_server(
-        &k.servers[0],
-        Some(pki.acceptor_offering(&[b"h2", b"http/1.1"])),
-    )
-    .await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(
         &h2,
         &k.servers[0],
@@ -116,11 +109,7 @@ async fn https_servers_get_http2_by_alpn_unless_pinned_to_http1() {
         "never pins HTTP/1.1"
     );
 
-    let h2 = versioned_server(
-        &k.servers[0],
-        Some(pki.acceptor_offering(&[b"h2", b"http/1.1"])),
-    )
-    .await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(
         &h2,
         &k.servers[0],
