@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tss-callback-gateway");
+use common::downstream::{always, Answer, Downstream, Seen};
+use common::gateway::{config_yaml, entry, Gateway, BIN};
+use common::keys::keys;
+use common::node::{post_token, send};
+use common::requests::request;
 
 /// Exit code, stdout and stderr of the binary.
 fn cli(args: &[&str]) -> (i32, String, String) {

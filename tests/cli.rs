@@ -4,12 +4,15 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
-use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tss-callback-gateway");
+use common::downstream::{always, Answer, Downstream, Seen};
+use common::gateway::{config_yaml, entry, free_port, spawn_run, BIN};
+use common::keys::keys;
+use common::node::{post_token, send};
+use common::requests::request;
+use common::tokens::{open, token};
 
 fn gateway(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -20,39 +23,6 @@ fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `run -c config` and waits until `/healthz` answers.
-fn spawn_run(config: &Path, port: u16) -> Child {
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "gateway did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 fn signal(child: &Child, sig: &str) {

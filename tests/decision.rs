@@ -5,8 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
 use jsonwebtoken::Algorithm;
+
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{config_yaml, entry, entry_at, Gateway};
+use common::keys::keys;
+use common::node::send;
+use common::requests::{request, request_id_of, request_of_type, sample};
+use common::tokens::{now, B64};
 
 const RULES: &str = "
 embedded_risk_control_rules:

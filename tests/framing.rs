@@ -9,9 +9,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{entry_at, Gateway};
+use common::http::complete_request;
+use common::keys::keys;
+use common::node::send;
+use common::requests::{request, request_id_of};
+use common::tokens::{open, token, CallbackResponse};
 
 /// What the raw server does after writing an answer.
 #[derive(Clone, Copy)]

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use common::*;
 use jsonwebtoken::EncodingKey;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -24,6 +23,13 @@ use tss_callback_gateway::config::{Config, Mode};
 use tss_callback_gateway::keys::{Signer, Verifier};
 use tss_callback_gateway::protocol::{self, CallbackRequest};
 use tss_callback_gateway::rules::{RuleSet, RuleVerdict};
+
+use common::downstream::{always, Answer, Downstream, Script, Seen};
+use common::gateway::{entry, Gateway};
+use common::keys::keys;
+use common::node::{post_body, send};
+use common::requests::{request, request_of_type};
+use common::tokens::token;
 
 /// proptest's defaults (`PROPTEST_CASES` honoured), without regression files.
 fn config() -> ProptestConfig {

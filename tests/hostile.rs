@@ -14,9 +14,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{entry, entry_at, rss_mb, Gateway};
+use common::http::{complete_request, http_post_closing};
+use common::keys::keys;
+use common::node::{node_form, post_body, post_token, send, Reply};
+use common::requests::request;
+use common::tokens::{now, open, token, token_with, CallbackResponse};
 
 /// How long a healthy request may take while something hostile is going on.
 const PROMPT: Duration = Duration::from_millis(500);
@@ -61,39 +68,6 @@ where
         }
     });
     format!("http://{addr}/v2/check")
-}
-
-/// Resident memory of this process (which hosts the gateway), in MB.
-fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb / 1024.0
-}
-
-/// The form body a TSS Node posts for `payload`.
-fn node_form(payload: &[u8]) -> Vec<u8> {
-    let t = token(&keys().node.encoding(), payload, "tss-node");
-    form_urlencoded::Serializer::new(String::new())
-        .append_pair("TSS_JWT_MSG", &t)
-        .finish()
-        .into_bytes()
-}
-
-/// A complete HTTP/1.1 form post of `body`, asking the gateway to close afterwards.
-fn http_post(body: &[u8]) -> Vec<u8> {
-    let mut req = format!(
-        "POST /v2/check HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    req
 }
 
 /// Reads until the peer closes the connection or `limit` passes. Returns what was read and
@@ -536,7 +510,9 @@ async fn a_caller_that_hangs_up_mid_decision_leaves_nothing_behind() {
     let gw = Gateway::start(&[entry(&slow, "timeout_ms: 5000")], "deadline_ms: 6000").await;
     let payload = request("key_sign", "hang-up");
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(&http_post(&node_form(&payload))).await.unwrap();
+    s.write_all(&http_post_closing(&node_form(&payload)))
+        .await
+        .unwrap();
     let waited = Instant::now();
     while slow.calls() == 0 {
         assert!(waited.elapsed() < Duration::from_secs(3), "never forwarded");

@@ -4,13 +4,18 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use axum::http::Version;
-use common::*;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+
+use common::downstream::{always, serve, Answer, Downstream, Versions};
+use common::gateway::{config_yaml, entry_at, Gateway};
+use common::keys::{keys, KeyPair};
+use common::node::send;
+use common::pki::Pki;
+use common::requests::{request, request_id_of};
+use common::tokens::{form_token, open, token};
 
 /// A callback server that approves everything and remembers the HTTP version of each request.
 struct Versioned {
@@ -38,11 +43,7 @@ async fn versioned_server(key: &KeyPair, tls: Option<tokio_rustls::TlsAcceptor>)
                 let body = axum::body::to_bytes(req.into_body(), 1 << 20)
                     .await
                     .unwrap();
-                let t = form_urlencoded::parse(&body)
-                    .find(|(k, _)| k == "TSS_JWT_MSG")
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default();
-                let payload = open(&t, &keys().gateway.decoding()).unwrap();
+                let payload = open(&form_token(&body), &keys().gateway.decoding()).unwrap();
                 let answer = serde_json::json!({
                     "request_id": request_id_of(&payload), "status": 0, "action": "APPROVE", "error": ""
                 });
@@ -53,134 +54,10 @@ async fn versioned_server(key: &KeyPair, tls: Option<tokio_rustls::TlsAcceptor>)
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tokio::spawn(async move {
-        let service = hyper_util::service::TowerToHyperService::new(app);
-        let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (http, service, tls) = (http.clone(), service.clone(), tls.clone());
-            tokio::spawn(async move {
-                match tls {
-                    None => {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                    }
-                    Some(acceptor) => {
-                        if let Ok(stream) = acceptor.accept(stream).await {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    serve(listener, app, Versions::Http1And2, tls, 0);
     Versioned {
         url: format!("{scheme}://{addr}/v2/check"),
         seen,
-    }
-}
-
-/// A CA and a server certificate for 127.0.0.1, made by openssl.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &d("ca.key"),
-            "-out",
-            &d("ca.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=h2-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        std::fs::write(
-            d("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &d("server.key"),
-            "-out",
-            &d("server.csr"),
-            "-subj",
-            "/CN=server",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &d("server.csr"),
-            "-CA",
-            &d("ca.pem"),
-            "-CAkey",
-            &d("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &d("server.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &d("server.ext"),
-        ]);
-        Pki { dir }
-    }
-
-    fn ca_file(&self) -> String {
-        format!("ca_file: {}", self.dir.path().join("ca.pem").display())
-    }
-
-    /// A TLS server config offering `alpn` (most preferred first).
-    fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
-        let read = |f: &str| std::fs::read(self.dir.path().join(f)).unwrap();
-        let certs = pem::parse_many(read("server.pem"))
-            .unwrap()
-            .into_iter()
-            .map(|p| p.into_contents().into())
-            .collect();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            pem::parse(read("server.key"))
-                .unwrap()
-                .into_contents()
-                .into(),
-        );
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
 
@@ -211,12 +88,13 @@ async fn https_servers_get_http2_by_alpn_unless_pinned_to_http1() {
     let pki = Pki::new();
     let k = keys();
     let ca = pki.ca_file();
+    let offering_h2 = || Some(pki.acceptor_offering(&[b"h2", b"http/1.1"]));
 
-    let h2 = versioned_server(&k.servers[0], Some(pki.acceptor(&[b"h2", b"http/1.1"]))).await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(&h2, &k.servers[0], &ca, "alpn-auto", 4).await;
     assert_eq!(h2.versions(), vec![Version::HTTP_2; 4], "auto over TLS");
 
-    let h2 = versioned_server(&k.servers[0], Some(pki.acceptor(&[b"h2", b"http/1.1"]))).await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(
         &h2,
         &k.servers[0],
@@ -231,7 +109,7 @@ async fn https_servers_get_http2_by_alpn_unless_pinned_to_http1() {
         "never pins HTTP/1.1"
     );
 
-    let h2 = versioned_server(&k.servers[0], Some(pki.acceptor(&[b"h2", b"http/1.1"]))).await;
+    let h2 = versioned_server(&k.servers[0], offering_h2()).await;
     ask(
         &h2,
         &k.servers[0],
@@ -242,7 +120,7 @@ async fn https_servers_get_http2_by_alpn_unless_pinned_to_http1() {
     .await;
     assert_eq!(h2.versions(), vec![Version::HTTP_2; 2], "always over TLS");
 
-    let h1 = versioned_server(&k.servers[0], Some(pki.acceptor(&[b"http/1.1"]))).await;
+    let h1 = versioned_server(&k.servers[0], Some(pki.acceptor_offering(&[b"http/1.1"]))).await;
     ask(&h1, &k.servers[0], &ca, "alpn-h1-only", 2).await;
     assert_eq!(
         h1.versions(),

@@ -7,8 +7,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey};
+
+use common::downstream::{always, Answer, Downstream, Script, Seen};
+use common::gateway::{entry, Entry, Gateway};
+use common::http::{get, get_json, http};
+use common::keys::keys;
+use common::node::{post_body, post_token, send, Reply};
+use common::requests::request;
+use common::tokens::{now, open, token, token_with, CallbackResponse, B64};
 
 async fn approving_gateway() -> (Downstream, Gateway) {
     let a = Downstream::start("a", &keys().servers[0], always(Answer::approve()), 0).await;
@@ -298,44 +305,18 @@ async fn every_pem_form_loads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_healthz_readyz_and_metrics_answer() {
     let (_a, gw) = approving_gateway().await;
-    let c = http();
-    let ping: serde_json::Value = c
-        .get(format!("http://{}/ping", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ping = get_json(&format!("http://{}/ping", gw.addr)).await;
     assert_eq!(ping["server"], "test-gateway");
     assert!(ping["timestamp"].as_u64().unwrap() > 1_700_000_000_000);
-    let h = c
-        .get(format!("http://{}/healthz", gw.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(h.status(), 200);
-    let ready: serde_json::Value = c
-        .get(format!("http://{}/readyz", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, _) = get(&format!("http://{}/healthz", gw.addr)).await;
+    assert_eq!(status, 200);
+    let ready = get_json(&format!("http://{}/readyz", gw.addr)).await;
     assert_eq!(ready["config_generation"], 1);
     assert_eq!(ready["servers"][0]["name"], "a");
-    let m = c
-        .get(format!("http://{}/metrics", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, m) = get(&format!("http://{}/metrics", gw.addr)).await;
     assert!(m.contains("tss_gateway_build_info{version=\""), "{m}");
     // A GET on the callback route is not a callback.
-    assert_eq!(c.get(gw.url()).send().await.unwrap().status(), 405);
+    assert_eq!(get(&gw.url()).await.0, 405);
 }
 
 /// Each of three enforcing servers behaves per request as the request_id says, and the rules

@@ -4,10 +4,16 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{config_yaml, entry, entry_at, free_port, spawn_run, Entry, Gateway};
+use common::http::{get_json, http};
+use common::keys::keys;
+use common::node::send;
+use common::pki::Pki;
+use common::requests::request;
+use common::tokens::{open, token, CallbackResponse};
 
 async fn ds(name: &str, i: usize, answer: Answer) -> Downstream {
     Downstream::start(name, &keys().servers[i], always(answer), 0).await
@@ -350,26 +356,12 @@ fn entry_at_key<'a>(ds: &'a Downstream, key: &Path) -> Entry<'a> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_process() {
     let a = ds("a", 0, Answer::approve()).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.yaml");
     let listen = format!("127.0.0.1:{port}").parse().unwrap();
     std::fs::write(&config, config_yaml(listen, &[entry(&a, "")], "")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tss-callback-gateway"))
-        .args([
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&config, port);
     let base = format!("http://127.0.0.1:{port}");
     let readyz = || async {
         for _ in 0..200 {
@@ -445,14 +437,7 @@ async fn health_checks_feed_readyz_and_the_up_gauge_but_never_approve() {
     );
     assert!(up.calls() >= 2);
     assert_eq!(up.unverified(), 0);
-    let ready: serde_json::Value = http()
-        .get(format!("http://{}/readyz", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&format!("http://{}/readyz", gw.addr)).await;
     let servers = ready["servers"].as_array().unwrap();
     let state = |name: &str| servers.iter().find(|s| s["name"] == name).unwrap()["health"].clone();
     assert_eq!(state("up")["up"], true);
@@ -475,125 +460,6 @@ async fn health_checks_feed_readyz_and_the_up_gauge_but_never_approve() {
 
 // === TLS ===
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl.
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &d("ca.key"),
-            "-out",
-            &d("ca.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        std::fs::write(
-            d("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d("client.ext"),
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-        )
-        .unwrap();
-        for who in ["server", "client"] {
-            run(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &d(&format!("{who}.key")),
-                "-out",
-                &d(&format!("{who}.csr")),
-                "-subj",
-                &format!("/CN={who}"),
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &d(&format!("{who}.csr")),
-                "-CA",
-                &d("ca.pem"),
-                "-CAkey",
-                &d("ca.key"),
-                "-CAcreateserial",
-                "-out",
-                &d(&format!("{who}.pem")),
-                "-days",
-                "2",
-                "-extfile",
-                &d(&format!("{who}.ext")),
-            ]);
-        }
-        Pki { dir }
-    }
-    fn path(&self, f: &str) -> std::path::PathBuf {
-        self.dir.path().join(f)
-    }
-    fn der(&self, f: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-        pem::parse_many(std::fs::read(self.path(f)).unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|p| p.into_contents().into())
-            .collect()
-    }
-    fn key(&self, f: &str) -> rustls::pki_types::PrivateKeyDer<'static> {
-        let p = pem::parse(std::fs::read(self.path(f)).unwrap()).unwrap();
-        rustls::pki_types::PrivateKeyDer::Pkcs8(p.into_contents().into())
-    }
-    /// A server config presenting the server certificate, optionally requiring a client one.
-    fn acceptor(&self, require_client: bool) -> tokio_rustls::TlsAcceptor {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = if require_client {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(self.der("ca.pem").remove(0)).unwrap();
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let config = builder
-            .with_single_cert(self.der("server.pem"), self.key("server.key"))
-            .unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_downstreams_are_verified_with_ca_file_and_client_certificates() {
     let pki = Pki::new();
@@ -615,7 +481,7 @@ async fn https_downstreams_are_verified_with_ca_file_and_client_certificates() {
     )
     .await;
     assert!(tls.url().starts_with("https://"));
-    let ca = format!("ca_file: {}", pki.path("ca.pem").display());
+    let ca = pki.ca_file();
     let client = format!(
         "{ca}\nclient_cert: {}\nclient_key: {}",
         pki.path("client.pem").display(),

@@ -9,11 +9,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tss-callback-gateway");
+use common::downstream::{always, Answer, Downstream, Script, Seen};
+use common::gateway::{config_yaml, entry, entry_at, metric_value, Gateway, BIN};
+use common::http::http;
+use common::keys::{keys, KeyPair};
+use common::node::{node_form, send};
+use common::requests::{request, request_id_of};
+use common::tokens::{open, token, CallbackResponse};
 
 /// A signed CallbackResponse of exactly these JSON fields, as `key` signs it (raw token body).
 fn signed_body(key: &KeyPair, fields: serde_json::Value, iss: &str) -> Vec<u8> {
@@ -431,12 +436,6 @@ async fn a_flood_is_shed_while_admitted_requests_are_held() {
     }
     assert_eq!(gw.shared.admission.in_flight(), 0);
     gw.stop().await;
-}
-
-/// The form body a TSS Node posts for `payload`.
-fn node_form(payload: &[u8]) -> Vec<u8> {
-    let t = token(&keys().node.encoding(), payload, "tss-node");
-    format!("TSS_JWT_MSG={t}").into_bytes()
 }
 
 /// `max_concurrent`: no more calls than that reach the server at once; the others wait for a

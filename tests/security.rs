@@ -11,8 +11,15 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use common::*;
 use tokio::net::TcpListener;
+
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{config_yaml, entry, entry_at, free_port, Entry, Gateway};
+use common::http::{get, get_json, http, http_post};
+use common::keys::{keys, KeyPair};
+use common::node::{node_form, send};
+use common::requests::{request, request_id_of};
+use common::tokens::{form_token, open, token, CallbackResponse};
 
 /// Waits (bounded) until `cond` holds.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
@@ -75,10 +82,7 @@ struct RecorderState {
 }
 
 async fn recorder_check(State(s): State<Arc<RecorderState>>, body: Bytes) -> String {
-    let token = form_urlencoded::parse(&body)
-        .find(|(k, _)| k == "TSS_JWT_MSG")
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
+    let token = form_token(&body);
     s.tokens.lock().unwrap().push(token.clone());
     let (status, action, id) = match open(&token, &s.verify) {
         Ok(payload) => (0, "APPROVE", request_id_of(&payload)),
@@ -94,7 +98,7 @@ async fn recorder_check(State(s): State<Arc<RecorderState>>, body: Bytes) -> Str
 }
 
 fn token_of(key: &KeyPair, resp: &CallbackResponse) -> String {
-    common::token(
+    token(
         &key.encoding(),
         &serde_json::to_vec(resp).unwrap(),
         "recorder",
@@ -146,36 +150,11 @@ async fn requests_to_downstreams_are_signed_with_the_downstream_signing_key() {
             "a request token must not verify with the key the node trusts"
         );
     }
-    let ready: serde_json::Value = http()
-        .get(format!("http://{}/readyz", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&format!("http://{}/readyz", gw.addr)).await;
     assert_eq!(ready["servers"][0]["health"]["up"], true, "{ready}");
 }
 
 // === 2. abandoned requests ===
-
-fn node_form(payload: &[u8]) -> Vec<u8> {
-    let t = common::token(&keys().node.encoding(), payload, "tss-node");
-    form_urlencoded::Serializer::new(String::new())
-        .append_pair("TSS_JWT_MSG", &t)
-        .finish()
-        .into_bytes()
-}
-
-fn http_post(body: &[u8]) -> Vec<u8> {
-    let mut req = format!(
-        "POST /v2/check HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    req
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_requests_leave_no_duplicate_memory_behind() {
@@ -400,12 +379,6 @@ async fn a_key_removed_while_a_reload_is_loading_is_not_skipped() {
 
 // === 7. smaller items ===
 
-async fn get(url: &str) -> (u16, String) {
-    let resp = http().get(url).send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listen_moves_metrics_readyz_and_healthz_off_the_node_listener() {
     let k = keys();
@@ -441,14 +414,6 @@ async fn admin_listen_moves_metrics_readyz_and_healthz_off_the_node_listener() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     assert_eq!(a.calls(), 1);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const SECRET: &str = "s3cretpass";

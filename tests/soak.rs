@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use common::*;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -33,6 +32,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::DecodingKey;
 use tokio::net::TcpListener;
+
+use common::downstream::{always, Answer, Downstream};
+use common::gateway::{entry_at, rss_mb, Entry, Gateway};
+use common::keys::{keys, KeyPair};
+use common::requests::{request, request_id_of};
+use common::tokens::{now, open, CallbackResponse, B64};
 
 const SERVERS: usize = 5;
 const CONCURRENCY: usize = 64;
@@ -466,18 +471,6 @@ fn check_audit(case: &Case, r: &CallbackResponse, line: &serde_json::Value) -> u
         }
     }
     slowest
-}
-
-/// Resident memory of this process (which hosts the gateway), in MB.
-fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap()
-        / 1024.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
