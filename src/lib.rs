@@ -26,6 +26,7 @@ pub mod runtime;
 pub mod sample_server;
 pub mod serve;
 pub mod server;
+pub mod signing_pool;
 pub mod tls;
 pub mod verify;
 

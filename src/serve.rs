@@ -39,6 +39,7 @@ pub enum ServeError {
 pub async fn run(path: &Path) -> Result<(), ServeError> {
     let rt = Runtime::load(path, 1)?;
     raise_open_file_limit(&rt);
+    crate::signing_pool::start();
     let listen = rt.config.listen;
     let admin_listen = rt.config.admin_listen;
     let summary = rt.summary();

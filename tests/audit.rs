@@ -823,3 +823,129 @@ async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint
     let (code, out, _) = verify(&[&new], &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Under load that never lets the gateway go idle, a checkpoint is still written within
+/// `audit_checkpoint_ms` of the first unsealed record (reason `elapsed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_a_checkpoint_is_written_within_audit_checkpoint_ms() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // Every answer takes 150 ms; four staggered senders keep requests in flight throughout.
+    let ds = Downstream::start(
+        "slowish",
+        &keys().servers[0],
+        always(Answer::approve().after(150)),
+        0,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}/v2/check");
+    let config = write_config(
+        dir.path(),
+        addr,
+        &ds,
+        "audit_checkpoint_ms: 200\naudit_checkpoint_every: 100000\n",
+    );
+    let log = dir.path().join("audit.jsonl");
+    let gw = spawn_run(&config, addr);
+    let done = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|w| {
+            let (url, done) = (url.clone(), done.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(40 * w)).await;
+                for i in 0..100 {
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    send_n(&url, &format!("steady{w}-{i}"), 1).await;
+                }
+            })
+        })
+        .collect();
+    let elapsed_checkpoint = |path: &Path| {
+        lines(path)
+            .iter()
+            .map(|l| json(l))
+            .any(|r| r["checkpoint"]["reason"] == "elapsed")
+    };
+    let mut seen = false;
+    for _ in 0..400 {
+        if elapsed_checkpoint(&log) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(
+        seen,
+        "no `elapsed` checkpoint while requests kept the gateway busy"
+    );
+    stop(gw);
+    let (code, out, err) = verify(&[&log], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Records written while another request was still pending are sealed once that request ends
+/// without a record of its own, because its caller hung up: the log verifies intact without the
+/// gateway stopping (reason `idle`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
+    let script: Script = std::sync::Arc::new(|seen: &Seen| {
+        if seen.request_id.starts_with("slow") {
+            Answer::hang()
+        } else {
+            Answer::approve()
+        }
+    });
+    let ds = Downstream::start("mixed", &keys().servers[0], script, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}/v2/check");
+    // No `elapsed` checkpoint can come within the test: only going idle seals.
+    let config = write_config(dir.path(), addr, &ds, "audit_checkpoint_ms: 600000\n");
+    let log = dir.path().join("audit.jsonl");
+    let gw = spawn_run(&config, addr);
+    // The node sends a request that stays pending (its downstream never answers)...
+    let slow = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let _ = send(&url, &request("key_sign", "slow-0")).await;
+        })
+    };
+    for _ in 0..400 {
+        if ds.seen().iter().any(|s| s.request_id == "slow-0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ds.seen().iter().any(|s| s.request_id == "slow-0"));
+    // ...and, meanwhile, three that are answered: their records are not sealed yet.
+    send_n(&url, "fast", 3).await;
+    let (code, out, _) = verify(&[&log], &[]);
+    assert_eq!(code, 1, "sealed while a request was still pending: {out}");
+    // The node gives up on the pending one and closes its connection.
+    slow.abort();
+    let _ = slow.await;
+    let mut sealed = false;
+    for _ in 0..400 {
+        if verify(&[&log], &[]).0 == 0 {
+            sealed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        sealed,
+        "the log was not sealed after the last pending request was dropped"
+    );
+    let last = json(lines(&log).last().unwrap());
+    assert_eq!(last["checkpoint"]["reason"], "idle", "{last}");
+    assert_eq!(request_ids(&[&log]), vec!["fast-0", "fast-1", "fast-2"]);
+    stop(gw);
+}
