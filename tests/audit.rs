@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::downstream::{always, Answer, Downstream, Seen};
+use common::downstream::{always, Answer, Downstream, Script, Seen};
 use common::gateway::{config_yaml, entry, Gateway, BIN};
 use common::keys::keys;
 use common::node::{post_token, send};
