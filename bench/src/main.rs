@@ -11,11 +11,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tss_callback_gateway::client;
-use tss_callback_gateway::keys::{self, Signer, Verifier};
-use tss_callback_gateway::probe::sample_with_id;
+use tss_callback_gateway::outbound::client;
+use tss_callback_gateway::protocol::keys::{self, Signer, Verifier};
 use tss_callback_gateway::protocol::{self, Action, CallbackResponse, RequestType, Status};
-use tss_callback_gateway::sample_server::{self, Policy, SampleServer};
+use tss_callback_gateway::tools::probe::sample_with_id;
+use tss_callback_gateway::tools::sample_server::{self, Policy, SampleServer};
 
 /// One measured row.
 struct Row {

@@ -6,6 +6,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::protocol::RequestType;
+use crate::verdict::{Outcome, Verdict};
+
 /// Buckets from 1 ms to 30 s, dense around the 5–500 ms where downstream answers usually land.
 const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -17,29 +20,29 @@ const BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub downstream_requests: IntCounterVec,
-    pub downstream_duration: HistogramVec,
-    pub downstream_up: IntGaugeVec,
-    pub downstream_slot_wait: HistogramVec,
-    pub in_flight: IntGauge,
-    pub embedded_rejections: IntCounterVec,
-    pub config_reloads: IntCounterVec,
-    pub config_last_reload_success: Gauge,
-    pub callback_servers: IntGaugeVec,
-    pub build_info: IntGaugeVec,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) downstream_requests: IntCounterVec,
+    pub(crate) downstream_duration: HistogramVec,
+    pub(crate) downstream_up: IntGaugeVec,
+    pub(crate) downstream_slot_wait: HistogramVec,
+    pub(crate) in_flight: IntGauge,
+    pub(crate) embedded_rejections: IntCounterVec,
+    pub(crate) config_reloads: IntCounterVec,
+    pub(crate) config_last_reload_success: Gauge,
+    pub(crate) callback_servers: IntGaugeVec,
+    pub(crate) build_info: IntGaugeVec,
 }
 
 /// Request outcomes (`tss_gateway_requests_total{outcome}`).
-pub mod outcome {
-    pub const APPROVED: &str = "approved";
-    pub const REJECTED: &str = "rejected";
-    pub const FAILED: &str = "failed";
-    pub const INVALID_TOKEN: &str = "invalid_token";
-    pub const INVALID_REQUEST: &str = "invalid_request";
+pub(crate) mod outcome {
+    pub(crate) const APPROVED: &str = "approved";
+    pub(crate) const REJECTED: &str = "rejected";
+    pub(crate) const FAILED: &str = "failed";
+    pub(crate) const INVALID_TOKEN: &str = "invalid_token";
+    pub(crate) const INVALID_REQUEST: &str = "invalid_request";
     /// Answered HTTP 503 beyond `max_in_flight`, unread.
-    pub const OVERLOADED: &str = "overloaded";
+    pub(crate) const OVERLOADED: &str = "overloaded";
 }
 
 impl Metrics {
@@ -153,11 +156,7 @@ impl Metrics {
             outcome::INVALID_REQUEST,
             outcome::OVERLOADED,
         ];
-        for kind in crate::protocol::RequestType::ALL
-            .iter()
-            .map(|t| t.name())
-            .chain(["unknown"])
-        {
+        for kind in RequestType::ALL.iter().map(|t| t.name()).chain(["unknown"]) {
             for o in outcomes {
                 m.requests.with_label_values(&[kind, o]);
             }
@@ -168,13 +167,26 @@ impl Metrics {
     }
 
     /// Creates every series of one downstream server at zero (at start and when a reload adds it).
-    pub fn register_server(&self, server: &str) {
-        for o in crate::fanout::Outcome::RECORDED {
+    pub(crate) fn register_server(&self, server: &str) {
+        for o in Outcome::RECORDED {
             self.downstream_requests
                 .with_label_values(&[server, o.as_str()]);
         }
         self.downstream_duration.with_label_values(&[server]);
         self.downstream_slot_wait.with_label_values(&[server]);
+    }
+
+    /// Counts one finished call in `tss_gateway_downstream_requests_total{server,outcome}` and,
+    /// unless it was cancelled (it took no time of its own), its duration.
+    pub(crate) fn record_call(&self, v: &Verdict) {
+        self.downstream_requests
+            .with_label_values(&[&v.server, v.outcome.as_str()])
+            .inc();
+        if v.outcome != Outcome::Cancelled {
+            self.downstream_duration
+                .with_label_values(&[&v.server])
+                .observe(v.duration.as_secs_f64());
+        }
     }
 
     /// The registry in Prometheus text format.

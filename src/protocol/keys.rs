@@ -9,7 +9,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
@@ -113,7 +113,7 @@ impl Signer {
 
     /// The matching public key as SPKI DER (`BEGIN PUBLIC KEY` contents), as audit checkpoints
     /// carry it.
-    pub fn public_spki_der(&self) -> Vec<u8> {
+    pub(crate) fn public_spki_der(&self) -> Vec<u8> {
         // The public half of a key pair that loaded always encodes.
         self.key
             .public_key()
@@ -139,41 +139,6 @@ impl fmt::Debug for Signer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Signer(RSA-{})", self.key.public_modulus_len() * 8)
     }
-}
-
-// === signing pool ===
-
-/// At most one RSA private-key operation per core at a time, on blocking threads.
-fn signing_slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        tokio::sync::Semaphore::new(cores)
-    })
-}
-
-/// Runs `work` (RSA private-key signing) on tokio's blocking threads, at most one job per core
-/// at once; later callers wait asynchronously for a slot.
-///
-/// A signature costs about a millisecond of CPU. Run inline, a burst of admitted requests would
-/// hold the async worker threads, and accepting connections and answering the 503s of
-/// `max_in_flight` would queue behind it. `None` only if the job panicked or the runtime is
-/// shutting down; callers then fail closed.
-pub async fn on_signing_pool<T, F>(work: F) -> Option<T>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    // The semaphore is never closed, so acquiring only waits.
-    let slot = signing_slots().acquire().await.ok()?;
-    // The slot moves into the job: it stays taken until the RSA work ends, even if the request
-    // that asked for it was dropped meanwhile.
-    tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        work()
-    })
-    .await
-    .ok()
 }
 
 // === impl Verifier ===
@@ -221,7 +186,7 @@ impl Verifier {
     }
 
     /// An RSA public key from its DER (SPKI or PKCS#1), as an audit checkpoint carries it.
-    pub fn from_der(der: &[u8]) -> Option<Self> {
+    pub(crate) fn from_der(der: &[u8]) -> Option<Self> {
         ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
             .ok()
             .map(|k| Verifier { keys: vec![k] })
@@ -296,43 +261,6 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The request path's RSA work leaves the async worker thread that asks for it: on a
-    /// single-threaded runtime, inline signing would run on the caller's own thread.
-    #[tokio::test(flavor = "current_thread")]
-    async fn signing_pool_runs_work_off_the_calling_thread() {
-        let caller = std::thread::current().id();
-        let worker = on_signing_pool(|| std::thread::current().id()).await;
-        assert_ne!(worker, Some(caller));
-        assert!(worker.is_some());
-    }
-
-    /// At most one job per core runs at once, however many requests ask; every job completes.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn signing_pool_is_bounded_by_the_cores() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let jobs: Vec<_> = (0..cores * 4 + 4)
-            .map(|i| {
-                let (now, peak) = (now.clone(), peak.clone());
-                tokio::spawn(on_signing_pool(move || {
-                    peak.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                    now.fetch_sub(1, Ordering::SeqCst);
-                    i
-                }))
-            })
-            .collect();
-        for (i, job) in jobs.into_iter().enumerate() {
-            assert_eq!(job.await.unwrap(), Some(i));
-        }
-        let peak = peak.load(Ordering::SeqCst);
-        assert!(
-            peak >= 1 && peak <= cores,
-            "peak {peak} jobs at once on {cores} cores"
-        );
-    }
 
     #[test]
     fn generated_pair_signs_and_verifies() {

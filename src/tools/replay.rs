@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Mode};
-use crate::decision::{decide, Decision};
-use crate::fanout::{Outcome, Verdict};
 use crate::protocol::{self, Action, RequestType};
 use crate::rules::{RejectOnly, RuleSet, RuleVerdict, Section};
+use crate::verdict::{decide, Decision};
+use crate::verdict::{Outcome, Verdict};
 
 /// One decision that would change.
 #[derive(Debug)]
@@ -33,15 +33,15 @@ pub struct Change {
 
 /// Counts for one request type.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Tally {
-    pub replayed: u64,
-    pub changed: u64,
+pub(crate) struct Tally {
+    pub(crate) replayed: u64,
+    pub(crate) changed: u64,
 }
 
 /// What a replay found, besides the changes given to the caller one by one.
 #[derive(Debug, Default)]
 pub struct Report {
-    pub by_type: BTreeMap<&'static str, Tally>,
+    pub(crate) by_type: BTreeMap<&'static str, Tally>,
     /// Request records without a `request` (recorded with `audit_payloads` off), or refused
     /// before any rule or server looked at them (status 10/20).
     pub skipped: u64,

@@ -17,8 +17,8 @@ use std::time::Instant;
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::audit::{checkpoint_message, hex, key_id, line_hash, parse_hex, GENESIS};
-use crate::keys::Verifier;
+use crate::ops::audit::{checkpoint_message, hex, key_id, line_hash, parse_hex, GENESIS};
+use crate::protocol::keys::Verifier;
 
 /// How to verify.
 #[derive(Debug, Default)]
@@ -41,8 +41,8 @@ pub struct Summary {
     /// Request records (checkpoints not included).
     pub records: u64,
     pub checkpoints: u64,
-    pub first_ts: Option<String>,
-    pub last_ts: Option<String>,
+    pub(crate) first_ts: Option<String>,
+    pub(crate) last_ts: Option<String>,
     /// Key ids of the keys that signed the checkpoints, in order of first use.
     pub keys: Vec<String>,
     pub pinned: bool,
@@ -141,12 +141,13 @@ impl fmt::Display for Summary {
         };
         write!(
             f,
-            "intact: {} records in {} file(s), {} to {}, {} checkpoints verified (key {}{})",
+            "intact: {} records in {} file(s), {} to {}, {} checkpoint{} verified (key {}{})",
             self.records,
             self.files,
             self.first_ts.as_deref().unwrap_or("-"),
             self.last_ts.as_deref().unwrap_or("-"),
             self.checkpoints,
+            if self.checkpoints == 1 { "" } else { "s" },
             keys,
             if self.pinned {
                 ", pinned"

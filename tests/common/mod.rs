@@ -646,13 +646,15 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config_yaml(addr, servers, extra)).unwrap();
-        let rt = tss_callback_gateway::runtime::Runtime::load(&config_path, 1)
+        let rt = tss_callback_gateway::generation::Generation::load(&config_path, 1)
             .unwrap_or_else(|e| panic!("{e}"));
-        let shared =
-            tss_callback_gateway::Shared::new(rt, tss_callback_gateway::metrics::Metrics::new())
-                .unwrap();
+        let shared = tss_callback_gateway::Shared::new(
+            rt,
+            tss_callback_gateway::ops::metrics::Metrics::new(),
+        )
+        .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(tss_callback_gateway::serve::serve(
+        let task = tokio::spawn(tss_callback_gateway::inbound::listener::serve(
             listener,
             shared.clone(),
             async {
@@ -660,7 +662,7 @@ impl Gateway {
             },
         ));
         // Ends with the test's runtime; with health_check_interval_ms: 0 it only sleeps.
-        tokio::spawn(tss_callback_gateway::health::run(shared.clone()));
+        tokio::spawn(tss_callback_gateway::ops::health::run(shared.clone()));
         Gateway {
             addr,
             shared,
@@ -677,7 +679,7 @@ impl Gateway {
 
     /// Reloads on config and key file changes, as `run` does.
     pub fn watch(&self) {
-        tokio::spawn(tss_callback_gateway::reload::watch(
+        tokio::spawn(tss_callback_gateway::ops::reload::watch(
             self.shared.clone(),
             self.config_path.clone(),
         ));
@@ -691,7 +693,7 @@ impl Gateway {
     }
 
     pub fn generation(&self) -> u64 {
-        self.shared.runtime.load().generation
+        self.shared.current.load().number
     }
 
     /// The request records of an `audit_log: audit.jsonl` in the gateway's folder, in order.
