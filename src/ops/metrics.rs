@@ -1,6 +1,7 @@
 //! The Prometheus registry and every metric handle, named exactly as CONTRACT.md section 7 says:
 //! dashboards and alerts depend on these names and label values.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -47,106 +48,96 @@ pub(crate) mod outcome {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        macro_rules! register {
-            ($metric:expr) => {{
-                let m = $metric.expect("metric definitions are static and valid");
-                registry
-                    .register(Box::new(m.clone()))
-                    .expect("each metric is registered once");
-                m
-            }};
-        }
-        let histogram =
-            |name: &str, help: &str| HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+        let r = Registry::new();
         let m = Metrics {
-            requests: register!(IntCounterVec::new(
-                Opts::new(
-                    "tss_gateway_requests_total",
-                    "Callback requests answered, by task type and outcome."
+            requests: counters(
+                &r,
+                "tss_gateway_requests_total",
+                "Callback requests answered, by task type and outcome.",
+                &["type", "outcome"],
+            ),
+            request_duration: histogram(
+                &r,
+                "tss_gateway_request_duration_seconds",
+                "Time from receiving a callback to answering it.",
+                &["type"],
+            ),
+            downstream_requests: counters(
+                &r,
+                "tss_gateway_downstream_requests_total",
+                "Calls to downstream callback servers, by server and outcome.",
+                &["server", "outcome"],
+            ),
+            downstream_duration: histogram(
+                &r,
+                "tss_gateway_downstream_duration_seconds",
+                "Time a downstream callback server took to answer, retries included.",
+                &["server"],
+            ),
+            downstream_up: gauges(
+                &r,
+                "tss_gateway_downstream_up",
+                "1 if the last health check of the server succeeded.",
+                &["server"],
+            ),
+            downstream_slot_wait: histogram(
+                &r,
+                "tss_gateway_downstream_slot_wait_seconds",
+                "Time a call waited for a free slot of a server with max_concurrent set.",
+                &["server"],
+            ),
+            in_flight: register(
+                &r,
+                IntGauge::new(
+                    "tss_gateway_in_flight_requests",
+                    "Callback requests being decided right now.",
                 ),
-                &["type", "outcome"]
-            )),
-            request_duration: register!(HistogramVec::new(
-                histogram(
-                    "tss_gateway_request_duration_seconds",
-                    "Time from receiving a callback to answering it."
+            ),
+            embedded_rejections: counters(
+                &r,
+                "tss_gateway_embedded_rejections_total",
+                "Requests rejected by the embedded risk control rules.",
+                &["type"],
+            ),
+            config_reloads: counters(
+                &r,
+                "tss_gateway_config_reloads_total",
+                "Configuration reload attempts by result.",
+                &["result"],
+            ),
+            config_last_reload_success: register(
+                &r,
+                Gauge::new(
+                    "tss_gateway_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful configuration load.",
                 ),
-                &["type"]
-            )),
-            downstream_requests: register!(IntCounterVec::new(
-                Opts::new(
-                    "tss_gateway_downstream_requests_total",
-                    "Calls to downstream callback servers, by server and outcome."
-                ),
-                &["server", "outcome"]
-            )),
-            downstream_duration: register!(HistogramVec::new(
-                histogram(
-                    "tss_gateway_downstream_duration_seconds",
-                    "Time a downstream callback server took to answer, retries included."
-                ),
-                &["server"]
-            )),
-            downstream_up: register!(IntGaugeVec::new(
-                Opts::new(
-                    "tss_gateway_downstream_up",
-                    "1 if the last health check of the server succeeded."
-                ),
-                &["server"]
-            )),
-            downstream_slot_wait: register!(HistogramVec::new(
-                histogram(
-                    "tss_gateway_downstream_slot_wait_seconds",
-                    "Time a call waited for a free slot of a server with max_concurrent set."
-                ),
-                &["server"]
-            )),
-            in_flight: register!(IntGauge::new(
-                "tss_gateway_in_flight_requests",
-                "Callback requests being decided right now."
-            )),
-            embedded_rejections: register!(IntCounterVec::new(
-                Opts::new(
-                    "tss_gateway_embedded_rejections_total",
-                    "Requests rejected by the embedded risk control rules."
-                ),
-                &["type"]
-            )),
-            config_reloads: register!(IntCounterVec::new(
-                Opts::new(
-                    "tss_gateway_config_reloads_total",
-                    "Configuration reload attempts by result."
-                ),
-                &["result"]
-            )),
-            config_last_reload_success: register!(Gauge::new(
-                "tss_gateway_config_last_reload_success_timestamp_seconds",
-                "Unix time of the last successful configuration load."
-            )),
-            callback_servers: register!(IntGaugeVec::new(
-                Opts::new(
-                    "tss_gateway_callback_servers",
-                    "Configured downstream callback servers by mode."
-                ),
-                &["mode"]
-            )),
-            build_info: register!(IntGaugeVec::new(
-                Opts::new(
-                    "tss_gateway_build_info",
-                    "Always 1; the version label says which build runs."
-                ),
-                &["version"]
-            )),
-            registry,
+            ),
+            callback_servers: gauges(
+                &r,
+                "tss_gateway_callback_servers",
+                "Configured downstream callback servers by mode.",
+                &["mode"],
+            ),
+            build_info: gauges(
+                &r,
+                "tss_gateway_build_info",
+                "Always 1; the version label says which build runs.",
+                &["version"],
+            ),
+            registry: r,
         };
-        m.build_info
+        m.start_at_zero();
+        m
+    }
+
+    /// Every label value exists from the start, so rate() and alerts see a zero rather than an
+    /// absence, and the first increment shows as an increase.
+    fn start_at_zero(&self) {
+        self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        // Every label value exists from the start, so rate() and alerts see a zero rather than
-        // an absence, and the first increment shows as an increase.
         for result in ["success", "failure"] {
-            m.config_reloads.with_label_values(&[result]);
+            self.config_reloads.with_label_values(&[result]);
         }
         let outcomes = [
             outcome::APPROVED,
@@ -158,12 +149,11 @@ impl Metrics {
         ];
         for kind in RequestType::ALL.iter().map(|t| t.name()).chain(["unknown"]) {
             for o in outcomes {
-                m.requests.with_label_values(&[kind, o]);
+                self.requests.with_label_values(&[kind, o]);
             }
-            m.request_duration.with_label_values(&[kind]);
-            m.embedded_rejections.with_label_values(&[kind]);
+            self.request_duration.with_label_values(&[kind]);
+            self.embedded_rejections.with_label_values(&[kind]);
         }
-        m
     }
 
     /// Creates every series of one downstream server at zero (at start and when a reload adds it).
@@ -196,6 +186,34 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// Registers `metric`; the definitions are static, so an error is a bug caught by every test.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let m = metric.expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+/// A histogram over [`BUCKETS`].
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+    register(registry, HistogramVec::new(opts, labels))
+}
+
+/// A labelled counter.
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+/// A labelled gauge.
+fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 impl Default for Metrics {

@@ -348,6 +348,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn signing_pool_is_bounded_by_the_cores() {
         use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let jobs: Vec<_> = (0..cores * 4 + 4)
