@@ -78,6 +78,15 @@ pub(crate) enum Embedded {
     Reject(String),
 }
 
+/// `text` itself when it is within [`MAX_ERROR_BYTES`] (no copy), else [`capped`].
+fn cap(text: String) -> String {
+    if text.len() > MAX_ERROR_BYTES {
+        capped(&text)
+    } else {
+        text
+    }
+}
+
 /// The gateway's answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Decision {
@@ -148,17 +157,12 @@ impl Verdict {
         duration: Duration,
         detail: String,
     ) -> Verdict {
-        let detail = if detail.len() > MAX_ERROR_BYTES {
-            capped(&detail)
-        } else {
-            detail
-        };
         Verdict {
             server,
             mode,
             outcome,
             duration,
-            detail,
+            detail: cap(detail),
         }
     }
 }
@@ -208,15 +212,10 @@ impl Serialize for Embedded {
 impl Decision {
     /// A rejection; `error` is capped at [`MAX_ERROR_BYTES`].
     pub(crate) fn reject(status: Status, error: String) -> Decision {
-        let error = if error.len() > MAX_ERROR_BYTES {
-            capped(&error)
-        } else {
-            error
-        };
         Decision {
             status,
             action: Action::Reject,
-            error,
+            error: cap(error),
         }
     }
 

@@ -145,6 +145,21 @@ impl Chain {
 // === impl Failure ===
 
 impl Failure {
+    fn unreadable(file: &Path, error: std::io::Error) -> Failure {
+        Failure::Unreadable {
+            file: file.to_owned(),
+            error,
+        }
+    }
+
+    fn broken(file: &Path, line: u64, why: String) -> Failure {
+        Failure::Broken {
+            file: file.to_owned(),
+            line,
+            why,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Broken { .. } => 1,
@@ -230,15 +245,8 @@ pub fn verify(files: &[PathBuf], opts: &Options) -> Result<Summary, Failure> {
 }
 
 fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Result<(), Failure> {
-    let unreadable = |error| Failure::Unreadable {
-        file: path.to_owned(),
-        error,
-    };
-    let broken = |line: u64, why: String| Failure::Broken {
-        file: path.to_owned(),
-        line,
-        why,
-    };
+    let unreadable = |error| Failure::unreadable(path, error);
+    let broken = |line, why| Failure::broken(path, line, why);
     let file = File::open(path).map_err(unreadable)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::with_capacity(4096);
@@ -319,15 +327,8 @@ fn diagnose(
     m: &Mismatch<'_>,
     opts: &Options,
 ) -> Result<Failure, Failure> {
-    let unreadable = |error| Failure::Unreadable {
-        file: path.to_owned(),
-        error,
-    };
-    let broken = |line: u64, why: String| Failure::Broken {
-        file: path.to_owned(),
-        line,
-        why,
-    };
+    let unreadable = |error| Failure::unreadable(path, error);
+    let broken = |line, why| Failure::broken(path, line, why);
     let Mismatch {
         lineno,
         seq,
@@ -432,6 +433,30 @@ fn check_checkpoint(
             } else {
                 Err("signature does not verify".into())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_checkpoint_is_singular() {
+        let summary = |checkpoints| {
+            Summary {
+                checkpoints,
+                ..Summary::default()
+            }
+            .to_string()
+        };
+        assert!(
+            summary(1).contains(", 1 checkpoint verified ("),
+            "{}",
+            summary(1)
+        );
+        for n in [0, 2, 8] {
+            assert!(summary(n).contains(&format!(", {n} checkpoints verified (")));
         }
     }
 }
