@@ -4,7 +4,7 @@
 //!
 //! The modules below are listed in the order a request meets them: it arrives [`inbound`], its
 //! token and payload are read by [`protocol`], [`rules`] apply, [`outbound`] asks the
-//! downstreams, [`verdict`] decides, [`ops`] audits and counts it, and [`inbound`] signs the
+//! downstreams, `verdict` decides, [`ops`] audits and counts it, and [`inbound`] signs the
 //! answer with the request's [`generation`]. [`tools`] are what operators run beside it.
 
 /// The YAML schema, defaults and validation with field-named errors.

@@ -6,7 +6,7 @@
 pub(crate) mod admission;
 pub(crate) mod body;
 pub(crate) mod check;
-pub mod dedup;
+pub(crate) mod dedup;
 pub mod listener;
 pub(crate) mod routes;
 pub(crate) mod tls;
