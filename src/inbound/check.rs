@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use super::body::{form_token, read_body};
 use super::dedup::{self, Lookup};
-use crate::generation::{Audience, Generation};
+use crate::generation::{Audience, Downstream, Generation};
 use crate::ops::audit::{AuditRecord, SealPolicy, Ticket};
+use crate::ops::metrics::Metrics;
 use crate::outbound::{client, fanout, Outbound};
 use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status};
 use crate::rules::RuleVerdict;
@@ -288,6 +289,7 @@ async fn evaluate(
     let rules = g.config.embedded_risk_control_rules.check(code, detail);
     let embedded = Embedded::from(&rules);
     let CallbackRequest { request_id, .. } = request;
+    let mut servers = g.subscribers(kind).peekable();
     let (decision, verdicts) = if matches!(rules, RuleVerdict::Reject(_)) {
         shared
             .metrics
@@ -295,8 +297,17 @@ async fn evaluate(
             .with_label_values(&[protocol::type_name(Some(code))])
             .inc();
         (decide(&rules, &[]), Vec::new())
+    } else if servers.peek().is_none() {
+        (decide(&rules, &[]), Vec::new())
     } else {
-        ask_downstreams(shared, g, &rules, kind, request_id, package, deadline).await
+        // One signature for all downstreams: they all get the node's exact bytes.
+        let out = Outbound {
+            form: client::form_body(&g.sign(Audience::Downstreams, package).await),
+            request_id: request_id.into(),
+            kind,
+            deadline,
+        };
+        ask_downstreams(&shared.metrics, servers, &rules, &out).await
     };
     Evaluation {
         decision,
@@ -305,29 +316,15 @@ async fn evaluate(
     }
 }
 
-/// Fans the node's exact bytes out to the subscribed servers and decides. Returns the decision
-/// and every verdict: enforcing ones first, then shadows as they stand when the answer goes out.
-async fn ask_downstreams(
-    shared: &Shared,
-    g: &Generation,
+/// Fans `out` out to `servers` and decides. Returns the decision and every verdict: enforcing
+/// ones first, then shadows as they stand when the answer goes out.
+async fn ask_downstreams<'a>(
+    metrics: &Metrics,
+    servers: impl Iterator<Item = &'a Arc<Downstream>>,
     rules: &RuleVerdict,
-    kind: Option<RequestType>,
-    request_id: String,
-    package: Vec<u8>,
-    deadline: Instant,
+    out: &Outbound,
 ) -> (Decision, Vec<Verdict>) {
-    let mut servers = g.subscribers(kind).peekable();
-    if servers.peek().is_none() {
-        return (decide(rules, &[]), Vec::new());
-    }
-    // One signature for all downstreams: they all get the node's exact bytes.
-    let out = Outbound {
-        form: client::form_body(&g.sign(Audience::Downstreams, package).await),
-        request_id: request_id.into(),
-        kind,
-        deadline,
-    };
-    let (mut verdicts, shadows) = fanout::fan_out(servers, &out, &shared.metrics).await;
+    let (mut verdicts, shadows) = fanout::fan_out(servers, out, metrics).await;
     let decision = decide(rules, &verdicts);
     verdicts.extend(fanout::shadow_snapshot(&shadows));
     (decision, verdicts)
