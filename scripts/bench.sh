@@ -3,7 +3,9 @@
 #   bash scripts/bench.sh            # full run (~5 minutes)
 #   bash scripts/bench.sh --quick    # a few seconds per scenario
 #   bash scripts/bench.sh --only AB  # some scenarios (A, B, C, D, E)
+# The benchmark is the workspace member bench/ (not installed with the gateway); it runs the
+# release gateway binary built beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --bins
+cargo build --release --locked -p tss-callback-gateway -p bench
 exec target/release/bench "$@"

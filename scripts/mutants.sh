@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Mutation testing of the decision path: src/decision.rs, src/rules.rs, src/protocol.rs.
+# Mutation testing of the decision path: src/verdict.rs, src/rules.rs, src/protocol/.
 # Every mutant is a rebuild and a test run, so this takes long and is not part of CI.
 #
-#   bash scripts/mutants.sh                 # all mutants of the three files
+#   bash scripts/mutants.sh                 # all mutants of these files
 #   bash scripts/mutants.sh --list          # only list them
 #   bash scripts/mutants.sh -- --lib        # extra args after `--` go to `cargo test`
 #
@@ -14,6 +14,6 @@ if ! command -v cargo-mutants >/dev/null && ! cargo mutants --version >/dev/null
   cargo install --locked cargo-mutants
 fi
 exec cargo mutants \
-  --file src/decision.rs --file src/rules.rs --file src/protocol.rs \
+  --file src/verdict.rs --file src/rules.rs --file src/protocol/envelope.rs --file src/protocol/token.rs \
   --profile release \
   "$@"

@@ -31,9 +31,12 @@ pub enum ConfigError {
     Key {
         path: PathBuf,
         field: String,
-        source: crate::keys::KeyError,
+        source: crate::protocol::keys::KeyError,
     },
 }
+
+/// A refusal before it is placed in its file: the field at fault and why.
+type FieldError = (String, String);
 
 /// Largest config file accepted.
 const MAX_CONFIG_BYTES: usize = 1 << 20;
@@ -131,7 +134,8 @@ pub struct ServerConfig {
     #[serde(default = "default_retries")]
     pub retries: u32,
     #[serde(default = "default_request_types")]
-    pub request_types: Vec<TypeName>,
+    /// By config name (`key_sign`); Ping is implied for every server.
+    pub request_types: Vec<RequestType>,
     #[serde(default)]
     pub mode: Mode,
     /// PEM CA bundle that replaces the system roots for this `https` server.
@@ -139,10 +143,10 @@ pub struct ServerConfig {
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate chain for mutual TLS (with `client_key`).
     #[serde(default)]
-    pub client_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
     /// PEM private key of `client_cert`.
     #[serde(default)]
-    pub client_key: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
     /// Calls in flight to this server at once; 0 = no limit. A call beyond it waits for a slot,
     /// within the request's deadline.
     #[serde(default)]
@@ -185,15 +189,11 @@ pub enum Http2 {
     Never,
 }
 
-/// A task type by its config name (`key_sign`); Ping is implied for every server.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TypeName {
-    Ping,
-    KeyGen,
-    KeySign,
-    KeyReshare,
-    KeyShareSign,
+/// A TLS setting that could not be loaded: the config field and why.
+#[derive(Debug)]
+pub(crate) struct TlsError {
+    pub(crate) field: &'static str,
+    pub(crate) message: String,
 }
 
 fn default_listen() -> SocketAddr {
@@ -212,10 +212,10 @@ fn default_health_check_interval_ms() -> u64 {
     10_000
 }
 fn default_audit_checkpoint_every() -> u64 {
-    crate::audit::DEFAULT_CHECKPOINT_EVERY
+    crate::ops::audit::DEFAULT_CHECKPOINT_EVERY
 }
 fn default_audit_checkpoint_ms() -> u64 {
-    crate::audit::DEFAULT_CHECKPOINT_MS
+    crate::ops::audit::DEFAULT_CHECKPOINT_MS
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024
@@ -228,16 +228,16 @@ const DEFAULT_TIMEOUT_MS: u64 = 5000;
 fn default_retries() -> u32 {
     1
 }
-fn default_request_types() -> Vec<TypeName> {
+fn default_request_types() -> Vec<RequestType> {
     vec![
-        TypeName::KeyGen,
-        TypeName::KeySign,
-        TypeName::KeyReshare,
-        TypeName::KeyShareSign,
+        RequestType::KeyGen,
+        RequestType::KeySign,
+        RequestType::KeyReshare,
+        RequestType::KeyShareSign,
     ]
 }
 
-// === impl Mode / TypeName ===
+// === impl Mode ===
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
@@ -248,29 +248,34 @@ impl Mode {
     }
 }
 
-impl From<TypeName> for RequestType {
-    fn from(t: TypeName) -> RequestType {
-        match t {
-            TypeName::Ping => RequestType::Ping,
-            TypeName::KeyGen => RequestType::KeyGen,
-            TypeName::KeySign => RequestType::KeySign,
-            TypeName::KeyReshare => RequestType::KeyReshare,
-            TypeName::KeyShareSign => RequestType::KeyShareSign,
+// === impl TlsError ===
+
+impl TlsError {
+    /// `field` is at fault: the file at `path` and why.
+    pub(crate) fn at(field: &'static str, path: &Path, detail: impl std::fmt::Display) -> TlsError {
+        TlsError {
+            field,
+            message: format!("{}: {detail}", path.display()),
         }
+    }
+
+    /// The bytes of the file `field` names.
+    pub(crate) fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+        std::fs::read(path).map_err(|e| TlsError::at(field, path, e))
     }
 }
 
 // === impl Config ===
 
 impl Config {
-    /// Reads, parses and validates `path`. Keys are not loaded here; see [`crate::runtime`].
+    /// Reads, parses and validates `path`. Keys are not loaded here; see [`crate::generation`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::load_text(path).map(|(config, _)| config)
     }
 
     /// As [`Config::load`], also returning the text read: the file is read once, so what was
     /// parsed is exactly what a reload fingerprints.
-    pub fn load_text(path: &Path) -> Result<(Config, String), ConfigError> {
+    pub(crate) fn load_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -341,137 +346,32 @@ impl Config {
         }
     }
 
+    /// Every value within its bounds; the first refusal names its field.
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let field = |field: String, message: String| ConfigError::Field {
+        self.check().map_err(|(field, message)| ConfigError::Field {
             path: path.to_owned(),
             field,
             message,
-        };
-        if self.service_name.trim().is_empty() {
-            return Err(field("service_name".into(), "must not be empty".into()));
-        }
-        if self.token_expire_minutes == 0 || self.token_expire_minutes > 60 {
-            return Err(field(
-                "token_expire_minutes".into(),
-                "must be between 1 and 60".into(),
-            ));
-        }
-        if self.deadline_ms == 0 || self.deadline_ms > 600_000 {
-            return Err(field(
-                "deadline_ms".into(),
-                "must be between 1 and 600000".into(),
-            ));
-        }
-        if self.audit_checkpoint_every == 0 {
-            return Err(field(
-                "audit_checkpoint_every".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        if self.max_body_bytes < 1024 {
-            return Err(field(
-                "max_body_bytes".into(),
-                "must be at least 1024".into(),
-            ));
-        }
-        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
-            return Err(field(
-                "max_in_flight".into(),
-                "must be between 1 and 1000000".into(),
-            ));
-        }
+        })
+    }
+
+    fn check(&self) -> Result<(), FieldError> {
+        self.check_limits()?;
         let mut names = BTreeSet::new();
         for (i, s) in self.callback_servers.iter().enumerate() {
             let at = |f: &str| format!("callback_servers[{i}].{f}");
-            if s.name.is_empty()
-                || s.name.len() > 64
-                || !s
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-            {
-                return Err(field(
-                    at("name"),
-                    format!("{:?} must be 1-64 characters of [a-z0-9_-]", s.name),
-                ));
-            }
+            s.check_name(&at)?;
             if !names.insert(s.name.as_str()) {
-                return Err(field(
-                    at("name"),
-                    format!("duplicate server name {:?}", s.name),
-                ));
+                return Err((at("name"), format!("duplicate server name {:?}", s.name)));
             }
-            match reqwest::Url::parse(&s.service_address) {
-                Ok(u) if u.scheme() == "http" && s.ca_file.is_some() => {
-                    return Err(field(
-                        at("ca_file"),
-                        "only applies to an https service_address".into(),
-                    ))
-                }
-                Ok(u) if u.scheme() == "http" && s.client_cert.is_some() => {
-                    return Err(field(
-                        at("client_cert"),
-                        "only applies to an https service_address".into(),
-                    ))
-                }
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                Ok(_) => {
-                    return Err(field(
-                        at("service_address"),
-                        format!(
-                            "{:?}: scheme must be http or https",
-                            redact_address(&s.service_address)
-                        ),
-                    ))
-                }
-                Err(e) => {
-                    return Err(field(
-                        at("service_address"),
-                        format!("{:?}: {e}", redact_address(&s.service_address)),
-                    ))
-                }
-            }
-            match (&s.client_cert, &s.client_key) {
-                (Some(_), None) => {
-                    return Err(field(at("client_key"), "required with client_cert".into()))
-                }
-                (None, Some(_)) => {
-                    return Err(field(at("client_cert"), "required with client_key".into()))
-                }
-                _ => {}
-            }
-            if s.timeout_ms == 0 {
-                return Err(field(at("timeout_ms"), "must be above 0".into()));
-            }
-            // A default never exceeds the deadline; only a value the user wrote can.
-            if s.timeout_ms > self.deadline_ms {
-                return Err(field(
-                    at("timeout_ms"),
-                    format!("{} is above deadline_ms {}", s.timeout_ms, self.deadline_ms),
-                ));
-            }
-            if s.max_concurrent > 1_000_000 {
-                return Err(field(
-                    at("max_concurrent"),
-                    "must be at most 1000000 (0 = no limit)".into(),
-                ));
-            }
-            if s.retries > 10 {
-                return Err(field(at("retries"), "must be at most 10".into()));
-            }
-            if s.request_types.is_empty() {
-                return Err(field(
-                    at("request_types"),
-                    "must list at least one type (omit it for all)".into(),
-                ));
-            }
+            s.check(&at, self.deadline_ms)?;
         }
         let enforcing = self
             .callback_servers
             .iter()
             .any(|s| s.mode == Mode::Enforce);
         if !self.embedded_risk_control_rules.enable && !enforcing {
-            return Err(field(
+            return Err((
                 "callback_servers".into(),
                 "nothing would be checked: embedded_risk_control_rules are off and no server has mode enforce"
                     .into(),
@@ -480,10 +380,34 @@ impl Config {
         Ok(())
     }
 
+    /// The top-level numbers and names.
+    fn check_limits(&self) -> Result<(), FieldError> {
+        let refuse = |field: &str, message: &str| Err((field.to_owned(), message.to_owned()));
+        if self.service_name.trim().is_empty() {
+            return refuse("service_name", "must not be empty");
+        }
+        if self.token_expire_minutes == 0 || self.token_expire_minutes > 60 {
+            return refuse("token_expire_minutes", "must be between 1 and 60");
+        }
+        if self.deadline_ms == 0 || self.deadline_ms > 600_000 {
+            return refuse("deadline_ms", "must be between 1 and 600000");
+        }
+        if self.audit_checkpoint_every == 0 {
+            return refuse("audit_checkpoint_every", "must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            return refuse("max_body_bytes", "must be at least 1024");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return refuse("max_in_flight", "must be between 1 and 1000000");
+        }
+        Ok(())
+    }
+
     /// The task types that would be approved with nothing checking them: embedded rules on but
     /// without a rule for the type, and no enforcing server subscribed (Cobo's semantics: such a
     /// type passes).
-    pub fn unchecked_types(&self) -> Vec<RequestType> {
+    pub(crate) fn unchecked_types(&self) -> Vec<RequestType> {
         let rules = &self.embedded_risk_control_rules;
         if !rules.enable {
             // With the rules off, a type nobody checks is rejected, not approved.
@@ -501,19 +425,10 @@ impl Config {
             })
             .collect()
     }
-
-    /// True when some enforcing server or the embedded rules check requests of type `t`.
-    pub fn is_checked(&self, t: RequestType) -> bool {
-        self.embedded_risk_control_rules.enable
-            || self
-                .callback_servers
-                .iter()
-                .any(|s| s.mode == Mode::Enforce && s.subscribes(t))
-    }
 }
 
 /// `address` with any `user:pass@` credentials replaced by `***@`, for every output.
-pub fn redact_address(address: &str) -> String {
+pub(crate) fn redact_address(address: &str) -> String {
     let Some((scheme, rest)) = address.split_once("://") else {
         return address.to_owned();
     };
@@ -527,13 +442,76 @@ pub fn redact_address(address: &str) -> String {
 // === impl ServerConfig ===
 
 impl ServerConfig {
+    fn check_name(&self, at: &dyn Fn(&str) -> String) -> Result<(), FieldError> {
+        let allowed =
+            |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+        if self.name.is_empty() || self.name.len() > 64 || !self.name.bytes().all(allowed) {
+            return Err((
+                at("name"),
+                format!("{:?} must be 1-64 characters of [a-z0-9_-]", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Everything but the name; `at` names a field of this server.
+    fn check(&self, at: &dyn Fn(&str) -> String, deadline_ms: u64) -> Result<(), FieldError> {
+        let refuse = |f: &str, message: String| Err((at(f), message));
+        self.check_address(at)?;
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => return refuse("client_key", "required with client_cert".into()),
+            (None, Some(_)) => return refuse("client_cert", "required with client_key".into()),
+            _ => {}
+        }
+        if self.timeout_ms == 0 {
+            return refuse("timeout_ms", "must be above 0".into());
+        }
+        // A default never exceeds the deadline; only a value the user wrote can.
+        if self.timeout_ms > deadline_ms {
+            return refuse(
+                "timeout_ms",
+                format!("{} is above deadline_ms {deadline_ms}", self.timeout_ms),
+            );
+        }
+        if self.max_concurrent > 1_000_000 {
+            return refuse(
+                "max_concurrent",
+                "must be at most 1000000 (0 = no limit)".into(),
+            );
+        }
+        if self.retries > 10 {
+            return refuse("retries", "must be at most 10".into());
+        }
+        if self.request_types.is_empty() {
+            return refuse(
+                "request_types",
+                "must list at least one type (omit it for all)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `service_address` and the TLS files that only apply to `https`.
+    fn check_address(&self, at: &dyn Fn(&str) -> String) -> Result<(), FieldError> {
+        let only_https = |f: &str| Err((at(f), "only applies to an https service_address".into()));
+        let redacted = redact_address(&self.service_address);
+        match reqwest::Url::parse(&self.service_address) {
+            Ok(u) if u.scheme() == "http" && self.ca_file.is_some() => only_https("ca_file"),
+            Ok(u) if u.scheme() == "http" && self.client_cert.is_some() => {
+                only_https("client_cert")
+            }
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+            Ok(_) => Err((
+                at("service_address"),
+                format!("{redacted:?}: scheme must be http or https"),
+            )),
+            Err(e) => Err((at("service_address"), format!("{redacted:?}: {e}"))),
+        }
+    }
+
     /// Ping goes to every server; other types only where listed.
-    pub fn subscribes(&self, t: RequestType) -> bool {
-        t == RequestType::Ping
-            || self
-                .request_types
-                .iter()
-                .any(|&n| RequestType::from(n) == t)
+    pub(crate) fn subscribes(&self, t: RequestType) -> bool {
+        t == RequestType::Ping || self.request_types.contains(&t)
     }
 }
 
@@ -678,10 +656,7 @@ gateway_private_key: /abs/gw.pem
         ))
         .unwrap();
         assert!(c.callback_servers.is_empty());
-        assert!(c.is_checked(RequestType::KeySign));
         let c = parse(&with_server("    request_types: [key_sign]\n")).unwrap();
-        assert!(c.is_checked(RequestType::KeySign));
-        assert!(!c.is_checked(RequestType::KeyGen));
-        assert!(c.is_checked(RequestType::Ping));
+        assert_eq!(c.callback_servers[0].request_types, [RequestType::KeySign]);
     }
 }

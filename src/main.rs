@@ -1,13 +1,18 @@
 //! The `tss-callback-gateway` command line (CONTRACT.md section 3). Parsing only; the work is
 //! in the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tss_callback_gateway::probe::{self, Payload, Probe};
-use tss_callback_gateway::runtime::Runtime;
+use tss_callback_gateway::config::Config;
+use tss_callback_gateway::generation::Generation;
+use tss_callback_gateway::inbound::listener;
+use tss_callback_gateway::protocol::keys::{self, Signer, Verifier};
+use tss_callback_gateway::protocol::RequestType;
+use tss_callback_gateway::tools::probe::{self, Payload, Probe};
+use tss_callback_gateway::tools::{demo, replay, verify};
 
 #[derive(Parser)]
 #[command(
@@ -119,57 +124,15 @@ fn init_logs(format: LogFormat, default_level: &str) {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(2)
-        })
-}
+/// What a subcommand ends with: its exit code, or an error printed as `error: ...` (exit 2).
+type Exit = Result<ExitCode, String>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run { config, log_format } => {
-            init_logs(log_format, "info");
-            match runtime().block_on(tss_callback_gateway::serve::run(&config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::CheckConfig { config } => match Runtime::load(&config, 1) {
-            Ok(rt) => {
-                print!("{}", rt.summary());
-                for w in &rt.warnings {
-                    eprintln!("warning: {w}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Keygen { out, name } => match tss_callback_gateway::keys::generate(&out, &name) {
-            Ok(files) => {
-                println!(
-                    "wrote {} (private, PKCS#8, mode 0600)",
-                    files.private.display()
-                );
-                println!("wrote {} (public, SPKI)", files.public.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+    let exit = match cli.command {
+        Command::Run { config, log_format } => run(&config, log_format),
+        Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Keygen { out, name } => keygen(&out, &name),
         Command::Probe {
             url,
             key,
@@ -178,42 +141,12 @@ fn main() -> ExitCode {
             fixture,
             timeout,
         } => {
-            init_logs(LogFormat::Text, "warn");
             let payload = match (fixture, kind) {
-                (Some(path), _) => Payload::File(path),
-                (None, Some(t)) => match probe::parse_type(&t) {
-                    Ok(k) => Payload::Sample(k),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                (None, None) => Payload::Sample(tss_callback_gateway::protocol::RequestType::Ping),
+                (Some(path), _) => PayloadArg::File(path),
+                (None, Some(t)) => PayloadArg::Type(t),
+                (None, None) => PayloadArg::Ping,
             };
-            let probe = Probe {
-                url,
-                node_key: key,
-                server_pub,
-                payload,
-                timeout,
-            };
-            match runtime().block_on(probe::run(&probe)) {
-                Ok(answer) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&answer).unwrap_or_default()
-                    );
-                    if answer.is_approval() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            probe(url, key, server_pub, payload, timeout)
         }
         Command::Audit {
             command:
@@ -226,83 +159,157 @@ fn main() -> ExitCode {
                 },
         } => audit_verify(&files, key, config, live, mid_chain),
         Command::Replay { config, audit } => replay(&config, &audit),
-        Command::Demo => {
-            init_logs(LogFormat::Text, "warn");
-            match runtime().block_on(tss_callback_gateway::demo::run()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+        Command::Demo => demo(),
+    };
+    exit.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// The tokio runtime the async subcommands run on.
+fn async_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// `run`: serve until SIGTERM/SIGINT; exit 0 after a clean shutdown.
+fn run(config: &Path, log_format: LogFormat) -> Exit {
+    init_logs(log_format, "info");
+    async_runtime()?
+        .block_on(listener::run(config))
+        .map_err(|e| {
+            tracing::error!("{e}");
+            e.to_string()
+        })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config`: the summary and warnings, or the refusal as it is (exit 2).
+fn check_config(config: &Path) -> ExitCode {
+    match Generation::load(config, 1) {
+        Ok(g) => {
+            print!("{}", g.summary());
+            for w in &g.warnings {
+                eprintln!("warning: {w}");
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }
 
+fn keygen(out: &Path, name: &str) -> Exit {
+    let files = keys::generate(out, name).map_err(|e| e.to_string())?;
+    println!(
+        "wrote {} (private, PKCS#8, mode 0600)",
+        files.private.display()
+    );
+    println!("wrote {} (public, SPKI)", files.public.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `probe` was asked to send, before the `--type` name is checked.
+enum PayloadArg {
+    File(PathBuf),
+    Type(String),
+    Ping,
+}
+
+/// `probe`: exit 0 approved, 1 any other verified answer, 2 no verified answer.
+fn probe(
+    url: String,
+    node_key: PathBuf,
+    server_pub: PathBuf,
+    payload: PayloadArg,
+    timeout: Duration,
+) -> Exit {
+    init_logs(LogFormat::Text, "warn");
+    let payload = match payload {
+        PayloadArg::File(path) => Payload::File(path),
+        PayloadArg::Type(t) => Payload::Sample(probe::parse_type(&t).map_err(|e| e.to_string())?),
+        PayloadArg::Ping => Payload::Sample(RequestType::Ping),
+    };
+    let probe = Probe {
+        url,
+        node_key,
+        server_pub,
+        payload,
+        timeout,
+    };
+    let answer = async_runtime()?
+        .block_on(probe::run(&probe))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    Ok(exit_if(answer.is_approval()))
+}
+
+/// `demo`: keys, sample downstreams, the gateway and a TSS Node in one process.
+fn demo() -> Exit {
+    init_logs(LogFormat::Text, "warn");
+    async_runtime()?
+        .block_on(demo::run())
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify`: exit 0 intact, 1 broken (said on stdout), 2 unreadable.
 fn audit_verify(
     files: &[PathBuf],
     key: Option<PathBuf>,
     config: Option<PathBuf>,
     live: bool,
     mid_chain: bool,
-) -> ExitCode {
-    use tss_callback_gateway::keys::{Signer, Verifier};
+) -> Exit {
     let pinned = match (key, config) {
-        (Some(k), _) => Verifier::load(&k).map(Some).map_err(|e| e.to_string()),
-        (None, Some(c)) => tss_callback_gateway::config::Config::load(&c)
-            .map_err(|e| e.to_string())
-            .and_then(|c| Signer::load(&c.gateway_private_key).map_err(|e| e.to_string()))
-            .map(|s| Some(s.verifier())),
-        (None, None) => Ok(None),
-    };
-    let pinned = match pinned {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+        (Some(k), _) => Some(Verifier::load(&k).map_err(|e| e.to_string())?),
+        (None, Some(c)) => {
+            let c = Config::load(&c).map_err(|e| e.to_string())?;
+            let signer = Signer::load(&c.gateway_private_key).map_err(|e| e.to_string())?;
+            Some(signer.verifier())
         }
+        (None, None) => None,
     };
-    let opts = tss_callback_gateway::verify::Options {
+    let opts = verify::Options {
         pinned,
         live,
         mid_chain,
     };
-    match tss_callback_gateway::verify::verify(files, &opts) {
+    match verify::verify(files, &opts) {
         Ok(summary) => {
             println!("{summary}");
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Err(failure) => {
-            if failure.exit_code() == 1 {
-                println!("{failure}");
-            } else {
-                eprintln!("error: {failure}");
-            }
-            ExitCode::from(failure.exit_code())
+        Err(failure) if failure.exit_code() == 1 => {
+            println!("{failure}");
+            Ok(ExitCode::from(1))
         }
+        Err(failure) => Err(failure.to_string()),
     }
 }
 
-fn replay(config: &std::path::Path, files: &[PathBuf]) -> ExitCode {
-    let candidate = match tss_callback_gateway::config::Config::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match tss_callback_gateway::replay::replay(&candidate, files, |change| println!("{change}")) {
-        Ok(report) => {
-            println!("{report}");
-            if report.changed() == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
+/// `replay`: exit 0 if no decision would change, 1 if some would, 2 on error.
+fn replay(config: &Path, files: &[PathBuf]) -> Exit {
+    let candidate = Config::load(config).map_err(|e| e.to_string())?;
+    let report = replay::replay(&candidate, files, |change| println!("{change}"))
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(exit_if(report.changed() == 0))
+}
+
+/// Exit 0 when `ok`, else 1.
+fn exit_if(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -338,7 +338,7 @@ async fn after_a_rename_or_delete_the_next_record_goes_to_a_new_file() {
         json(tail.last().unwrap())["seq"].as_u64().unwrap() + 2
     );
     let audit = gw.shared.audit.load_full().unwrap();
-    audit.close(&gw.shared.runtime.load().signer).unwrap();
+    audit.close(&gw.shared.current.load().signer).unwrap();
     let (code, out, _) = verify(&[&renamed, &shipped], &["--live"]);
     assert_eq!(code, 0, "{out}");
     gw.stop().await;
@@ -363,7 +363,7 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
         t.await.unwrap();
     }
     let audit = gw.shared.audit.load_full().unwrap();
-    audit.close(&gw.shared.runtime.load().signer).unwrap();
+    audit.close(&gw.shared.current.load().signer).unwrap();
     let log = gw.dir.path().join("audit.jsonl");
     let all = lines(&log);
     // One line per seq, each chained to the line before it.

@@ -371,7 +371,7 @@ async fn shadow_servers_are_called_but_never_decide_or_delay() {
         ),
     )
     .unwrap();
-    let err = tss_callback_gateway::runtime::Runtime::load(&path, 1)
+    let err = tss_callback_gateway::generation::Generation::load(&path, 1)
         .unwrap_err()
         .to_string();
     assert!(err.contains("nothing would be checked"), "{err}");

@@ -18,9 +18,9 @@ use jsonwebtoken::EncodingKey;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
-use tss_callback_gateway::client::{read_answer, CallError, RawAnswer};
 use tss_callback_gateway::config::{Config, Mode};
-use tss_callback_gateway::keys::{Signer, Verifier};
+use tss_callback_gateway::outbound::client::{read_answer, CallError, RawAnswer};
+use tss_callback_gateway::protocol::keys::{Signer, Verifier};
 use tss_callback_gateway::protocol::{self, CallbackRequest};
 use tss_callback_gateway::rules::{RuleSet, RuleVerdict};
 

@@ -699,7 +699,9 @@ async fn errors_from_hostile_peers_never_log_a_token_or_a_key() {
         &k.gateway.pkcs8.display().to_string(),
     );
     gw.write_config(&misconfigured);
-    assert!(tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").is_err());
+    assert!(
+        tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").is_err()
+    );
 
     let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
     assert!(

@@ -165,10 +165,12 @@ async fn a_reload_that_changes_http2_takes_effect() {
         &[entry_at(&stand_in, &server.url, "http2: always")],
         "",
     ));
-    let next =
-        tss_callback_gateway::runtime::Runtime::reload(&gw.config_path, &gw.shared.runtime.load())
-            .unwrap();
-    gw.shared.runtime.store(Arc::new(next));
+    let next = tss_callback_gateway::generation::Generation::reload(
+        &gw.config_path,
+        &gw.shared.current.load(),
+    )
+    .unwrap();
+    gw.shared.current.store(Arc::new(next));
     send(&gw.url(), &request("key_sign", "after-reload"))
         .await
         .expect(0, "APPROVE", &[]);

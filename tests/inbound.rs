@@ -275,12 +275,12 @@ async fn every_pem_form_loads() {
     );
     let path = dir.path().join("gateway.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let rt = tss_callback_gateway::runtime::Runtime::load(&path, 1).unwrap();
+    let rt = tss_callback_gateway::generation::Generation::load(&path, 1).unwrap();
     let shared =
-        tss_callback_gateway::Shared::new(rt, tss_callback_gateway::metrics::Metrics::new())
+        tss_callback_gateway::Shared::new(rt, tss_callback_gateway::ops::metrics::Metrics::new())
             .unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(tss_callback_gateway::serve::serve(
+    tokio::spawn(tss_callback_gateway::inbound::listener::serve(
         listener,
         shared,
         std::future::pending(),

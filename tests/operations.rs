@@ -93,7 +93,7 @@ async fn an_invalid_config_is_refused_and_the_running_one_kept() {
     )
     .unwrap();
     let err =
-        tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").unwrap_err();
+        tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
     assert_eq!(gw.generation(), 1);
     assert_eq!(
@@ -112,10 +112,12 @@ async fn an_invalid_config_is_refused_and_the_running_one_kept() {
         ),
     )
     .unwrap();
-    assert!(tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").is_err());
+    assert!(
+        tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").is_err()
+    );
     std::fs::write(&gw.config_path, &good).unwrap();
     assert_eq!(
-        tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").unwrap(),
+        tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").unwrap(),
         2
     );
     assert_eq!(
@@ -144,7 +146,7 @@ async fn requests_in_flight_finish_on_the_config_they_started_with() {
         config_yaml(listen, &[entry(&other, "")], ""),
     )
     .unwrap();
-    tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
+    tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
     in_flight.await.unwrap().expect(0, "APPROVE", &[]);
     send(&gw.url(), &request("key_sign", "new-gen"))
         .await
@@ -188,7 +190,7 @@ async fn hot_reload_under_load_drops_nothing() {
         let shared = gw.shared.clone();
         async move {
             let started = Instant::now();
-            while shared.runtime.load().generation < g {
+            while shared.current.load().number < g {
                 assert!(
                     started.elapsed() < Duration::from_secs(3),
                     "reload to generation {g} not seen"
@@ -299,16 +301,16 @@ async fn a_configmap_style_symlink_swap_is_hot_reloaded() {
     symlink("..2026_11_24_1", m.join("..data")).unwrap();
     symlink("..data/config.yaml", m.join("config.yaml")).unwrap();
     let config = m.join("config.yaml");
-    let rt = tss_callback_gateway::runtime::Runtime::load(&config, 1).unwrap();
+    let rt = tss_callback_gateway::generation::Generation::load(&config, 1).unwrap();
     let shared =
-        tss_callback_gateway::Shared::new(rt, tss_callback_gateway::metrics::Metrics::new())
+        tss_callback_gateway::Shared::new(rt, tss_callback_gateway::ops::metrics::Metrics::new())
             .unwrap();
-    tokio::spawn(tss_callback_gateway::serve::serve(
+    tokio::spawn(tss_callback_gateway::inbound::listener::serve(
         listener,
         shared.clone(),
         std::future::pending(),
     ));
-    tokio::spawn(tss_callback_gateway::reload::watch(
+    tokio::spawn(tss_callback_gateway::ops::reload::watch(
         shared.clone(),
         config.clone(),
     ));
@@ -330,7 +332,7 @@ async fn a_configmap_style_symlink_swap_is_hot_reloaded() {
     std::fs::remove_dir_all(m.join("..2026_11_24_1")).unwrap();
 
     let started = Instant::now();
-    while shared.runtime.load().generation < 2 {
+    while shared.current.load().number < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "the symlink swap was not noticed"

@@ -124,7 +124,7 @@ async fn a_short_deadline_without_timeout_ms_loads() {
     let ds = Downstream::start("short", &k.servers[1], always(Answer::approve()), 0).await;
     let gw = Gateway::start(&[entry(&ds, "")], "deadline_ms: 4000").await;
     assert_eq!(
-        gw.shared.runtime.load().downstreams[0].timeout,
+        gw.shared.current.load().downstreams[0].timeout,
         Duration::from_millis(4000)
     );
     send(&gw.url(), &request("key_sign", "short-deadline"))
@@ -500,10 +500,12 @@ async fn a_call_that_never_gets_a_slot_is_a_timeout() {
         &[entry(&hung, "max_concurrent: 1")],
         "deadline_ms: 300",
     ));
-    let next =
-        tss_callback_gateway::runtime::Runtime::reload(&gw.config_path, &gw.shared.runtime.load())
-            .unwrap();
-    gw.shared.runtime.store(Arc::new(next));
+    let next = tss_callback_gateway::generation::Generation::reload(
+        &gw.config_path,
+        &gw.shared.current.load(),
+    )
+    .unwrap();
+    gw.shared.current.store(Arc::new(next));
 
     send(&gw.url(), &request("key_sign", "waiter"))
         .await

@@ -239,7 +239,7 @@ const REJECT_ALL: &str =
 async fn reload_to(gw: &Gateway, servers: &[Entry<'_>], extra: &str) {
     let before = gw.generation();
     gw.write_config(&config_yaml(gw.addr, servers, extra));
-    tss_callback_gateway::reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
+    tss_callback_gateway::ops::reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
     assert_eq!(gw.generation(), before + 1);
 }
 
@@ -367,7 +367,7 @@ async fn a_key_removed_while_a_reload_is_loading_is_not_skipped() {
         replace(&keyfile, &good);
         until_status(&gw, 30, "leaked key removed").await;
         assert_eq!(
-            gw.shared.runtime.load().config.deadline_ms,
+            gw.shared.current.load().config.deadline_ms,
             6000 + round,
             "the config change applied too"
         );
@@ -386,7 +386,7 @@ async fn admin_listen_moves_metrics_readyz_and_healthz_off_the_node_listener() {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let gw = Gateway::start(&[entry(&a, "")], &format!("admin_listen: {admin_addr}")).await;
-    tokio::spawn(tss_callback_gateway::serve::serve_admin(
+    tokio::spawn(tss_callback_gateway::inbound::listener::serve_admin(
         admin,
         gw.shared.clone(),
         std::future::pending(),

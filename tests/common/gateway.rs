@@ -1,9 +1,11 @@
 //! The gateway under test: served in this process on loopback ([`Gateway`]), or run as the real
 //! binary ([`spawn_run`]), with a config written for the test's downstreams.
 
-use tss_callback_gateway::metrics::Metrics;
-use tss_callback_gateway::runtime::Runtime;
-use tss_callback_gateway::{health, reload, serve, Shared};
+use tss_callback_gateway::generation::Generation;
+use tss_callback_gateway::inbound::listener::serve;
+use tss_callback_gateway::ops::metrics::Metrics;
+use tss_callback_gateway::ops::{health, reload};
+use tss_callback_gateway::Shared;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,10 +98,10 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config_yaml(addr, servers, extra)).unwrap();
-        let rt = Runtime::load(&config_path, 1).unwrap_or_else(|e| panic!("{e}"));
+        let rt = Generation::load(&config_path, 1).unwrap_or_else(|e| panic!("{e}"));
         let shared = Shared::new(rt, Metrics::new()).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve::serve(listener, shared.clone(), async {
+        let task = tokio::spawn(serve(listener, shared.clone(), async {
             let _ = rx.await;
         }));
         // Ends with the test's runtime; with health_check_interval_ms: 0 it only sleeps.
@@ -131,7 +133,7 @@ impl Gateway {
     }
 
     pub fn generation(&self) -> u64 {
-        self.shared.runtime.load().generation
+        self.shared.current.load().number
     }
 
     /// The request records of an `audit_log: audit.jsonl` in the gateway's folder, in order.

@@ -1,18 +1,27 @@
-//! The gateway's answer from the embedded rules' verdict and the enforcing servers' verdicts.
-//! Pure: values in, a [`Decision`] out. APPROVE is reachable only through one arm below.
+//! The data a request's answer is made of, and the pure function that makes it: each server's
+//! [`Verdict`], the embedded rules' [`Embedded`] word, and the gateway's [`Decision`] from
+//! [`decide`]. Values in, a [`Decision`] out: APPROVE is reachable only through one arm of
+//! [`decide`]. No I/O here; the modules that call servers and write logs depend on this one, never
+//! the other way round.
 
-use crate::fanout::{Outcome, Verdict};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Mode;
 use crate::protocol::{Action, Status};
 use crate::rules::RuleVerdict;
 
 /// Longest error text kept per server (and for the gateway's own errors): in answers, in the
 /// audit log and in the duplicate memory. A downstream may send a 64 KiB answer; its `error` is
 /// not worth more than this anywhere.
-pub const MAX_ERROR_BYTES: usize = 1024;
+pub(crate) const MAX_ERROR_BYTES: usize = 1024;
 
 /// `text` cut to at most [`MAX_ERROR_BYTES`] (on a character boundary, marked with `…`), in an
 /// allocation of its own size.
-pub fn capped(text: &str) -> String {
+pub(crate) fn capped(text: &str) -> String {
     if text.len() <= MAX_ERROR_BYTES {
         return text.to_owned();
     }
@@ -26,38 +35,197 @@ pub fn capped(text: &str) -> String {
     out
 }
 
+/// What became of one call to one server (the `outcome` label of
+/// `tss_gateway_downstream_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    Approved,
+    Rejected,
+    Timeout,
+    TransportError,
+    HttpError,
+    BadSignature,
+    BadResponse,
+    ErrorStatus,
+    Cancelled,
+    /// A shadow call still running when the answer was sent.
+    Pending,
+}
+
+/// One server's answer to one request.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Verdict {
+    #[serde(rename = "name")]
+    pub(crate) server: Arc<str>,
+    pub(crate) mode: Mode,
+    pub(crate) outcome: Outcome,
+    #[serde(rename = "duration_ms")]
+    #[serde(serialize_with = "ser_ms")]
+    pub(crate) duration: Duration,
+    /// The server's `error` for a rejection, or what went wrong.
+    pub(crate) detail: String,
+}
+
+/// What the embedded rules said of a request: the audit record's `embedded` field, written as
+/// `not_evaluated` (the token or payload was refused before the rules ran), `off`, `pass` or
+/// `reject: <rule>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Embedded {
+    NotEvaluated,
+    Off,
+    Pass,
+    Reject(String),
+}
+
+/// `text` itself when it is within [`MAX_ERROR_BYTES`] (no copy), else [`capped`].
+fn cap(text: String) -> String {
+    if text.len() > MAX_ERROR_BYTES {
+        capped(&text)
+    } else {
+        text
+    }
+}
+
 /// The gateway's answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub status: Status,
-    pub action: Action,
-    pub error: String,
+pub(crate) struct Decision {
+    pub(crate) status: Status,
+    pub(crate) action: Action,
+    pub(crate) error: String,
+}
+
+/// The evaluation of one request: what the rules and the downstreams said, and the decision.
+/// Shared between identical retries by the duplicate memory.
+#[derive(Debug)]
+pub struct Evaluation {
+    pub(crate) decision: Decision,
+    pub(crate) embedded: Embedded,
+    pub(crate) verdicts: Vec<Verdict>,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+// === impl Outcome ===
+
+impl Outcome {
+    /// The outcomes counted in `tss_gateway_downstream_requests_total` (not `pending`).
+    pub(crate) const RECORDED: [Outcome; 9] = [
+        Outcome::Approved,
+        Outcome::Rejected,
+        Outcome::Timeout,
+        Outcome::TransportError,
+        Outcome::HttpError,
+        Outcome::BadSignature,
+        Outcome::BadResponse,
+        Outcome::ErrorStatus,
+        Outcome::Cancelled,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Approved => "approved",
+            Outcome::Rejected => "rejected",
+            Outcome::Timeout => "timeout",
+            Outcome::TransportError => "transport_error",
+            Outcome::HttpError => "http_error",
+            Outcome::BadSignature => "bad_signature",
+            Outcome::BadResponse => "bad_response",
+            Outcome::ErrorStatus => "error_status",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Pending => "pending",
+        }
+    }
+
+    /// Outcomes that are neither an approval nor a definitive rejection.
+    pub(crate) fn is_failure(self) -> bool {
+        !matches!(self, Outcome::Approved | Outcome::Rejected)
+    }
+}
+
+// === impl Verdict ===
+
+impl Verdict {
+    /// `detail` is capped at [`MAX_ERROR_BYTES`]: a verbose server's text is kept (in the answer,
+    /// the audit log and the duplicate memory) only that far.
+    pub(crate) fn new(
+        server: Arc<str>,
+        mode: Mode,
+        outcome: Outcome,
+        duration: Duration,
+        detail: String,
+    ) -> Verdict {
+        Verdict {
+            server,
+            mode,
+            outcome,
+            duration,
+            detail: cap(detail),
+        }
+    }
+}
+
+// === impl Embedded ===
+
+impl From<&RuleVerdict> for Embedded {
+    fn from(rules: &RuleVerdict) -> Embedded {
+        match rules {
+            RuleVerdict::Off => Embedded::Off,
+            RuleVerdict::Pass => Embedded::Pass,
+            RuleVerdict::Reject(rule) => Embedded::Reject(rule.clone()),
+        }
+    }
+}
+
+impl Embedded {
+    /// Heap bytes held, for the duplicate memory's byte bound.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            Embedded::Reject(rule) => rule.capacity(),
+            _ => 0,
+        }
+    }
+}
+
+impl fmt::Display for Embedded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Embedded::NotEvaluated => f.write_str("not_evaluated"),
+            Embedded::Off => f.write_str("off"),
+            Embedded::Pass => f.write_str("pass"),
+            Embedded::Reject(rule) => write!(f, "reject: {rule}"),
+        }
+    }
+}
+
+/// As the string [`fmt::Display`] writes: the audit log's bytes are those of a plain string.
+impl Serialize for Embedded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 // === impl Decision ===
 
 impl Decision {
     /// A rejection; `error` is capped at [`MAX_ERROR_BYTES`].
-    pub fn reject(status: Status, error: String) -> Decision {
-        let error = if error.len() > MAX_ERROR_BYTES {
-            capped(&error)
-        } else {
-            error
-        };
+    pub(crate) fn reject(status: Status, error: String) -> Decision {
         Decision {
             status,
             action: Action::Reject,
-            error,
+            error: cap(error),
         }
     }
 
-    pub fn is_approval(&self) -> bool {
+    pub(crate) fn is_approval(&self) -> bool {
         self.status == Status::Ok && self.action == Action::Approve
     }
 
     /// The `outcome` label of `tss_gateway_requests_total`.
-    pub fn outcome(&self) -> &'static str {
-        use crate::metrics::outcome::*;
+    pub(crate) fn metric_label(&self) -> &'static str {
+        use crate::ops::metrics::outcome::*;
         match (self.status, self.action) {
             (Status::Ok, Action::Approve) => APPROVED,
             (Status::Ok, Action::Reject) => REJECTED,
@@ -70,7 +238,7 @@ impl Decision {
 
 /// Decides a request that passed token and payload checks. `verdicts` are the enforcing servers'
 /// (empty when none subscribes to the type, or when the rules rejected and none was called).
-pub fn decide(rules: &RuleVerdict, verdicts: &[Verdict]) -> Decision {
+pub(crate) fn decide(rules: &RuleVerdict, verdicts: &[Verdict]) -> Decision {
     if let RuleVerdict::Reject(rule) = rules {
         return Decision::reject(Status::Ok, format!("embedded risk control: {rule}"));
     }
@@ -114,8 +282,6 @@ fn approve() -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Mode;
-    use std::time::Duration;
 
     fn v(server: &str, outcome: Outcome, detail: &str) -> Verdict {
         Verdict {
@@ -201,6 +367,24 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The audit log's `embedded` strings, byte for byte as before the type existed.
+    #[test]
+    fn embedded_serializes_as_the_audit_strings() {
+        for (e, json) in [
+            (Embedded::NotEvaluated, r#""not_evaluated""#),
+            (Embedded::Off, r#""off""#),
+            (Embedded::Pass, r#""pass""#),
+            (
+                Embedded::from(&RuleVerdict::Reject(
+                    "key_gen \"x\" not in allow_list".into(),
+                )),
+                r#""reject: key_gen \"x\" not in allow_list""#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&e).unwrap(), json);
         }
     }
 }

@@ -25,9 +25,9 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 /// Entries kept at most.
-pub const DEFAULT_CAPACITY: usize = 20_000;
+pub(crate) const DEFAULT_CAPACITY: usize = 20_000;
 /// Bytes kept at most, keys and values together (see [`Footprint`]).
-pub const DEFAULT_MAX_BYTES: usize = 32 << 20;
+pub(crate) const DEFAULT_MAX_BYTES: usize = 32 << 20;
 /// What one entry costs besides its key and value: the map slot, the entry, its cell and its
 /// place in the expiry index.
 const ENTRY_OVERHEAD: usize = 256;
@@ -38,7 +38,7 @@ pub trait Footprint {
 }
 
 /// What the cache says about one request.
-pub enum Lookup<T> {
+pub(crate) enum Lookup<T> {
     /// Evaluated (now, by a concurrent twin, or earlier) — `shared` is true if this caller did
     /// not run the evaluation itself.
     Done { value: T, shared: bool },
@@ -88,7 +88,7 @@ struct Abandon<'a, T> {
 }
 
 /// SHA-256 of a payload.
-pub fn digest(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(bytes: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -127,7 +127,7 @@ impl<T> Inner<T> {
 // === impl Dedup ===
 
 impl<T: Clone + Footprint> Dedup<T> {
-    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
         Dedup {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
@@ -163,7 +163,7 @@ impl<T: Clone + Footprint> Dedup<T> {
     /// Evaluates `evaluate` once for all identical concurrent requests of one config
     /// `generation`, or returns the remembered value. `definitive` says whether a value may be
     /// remembered for `ttl`.
-    pub async fn run<F, Fut>(
+    pub(crate) async fn run<F, Fut>(
         &self,
         request_id: &str,
         generation: u64,

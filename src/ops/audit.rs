@@ -35,18 +35,18 @@ use aws_lc_rs::digest;
 use base64::Engine;
 use serde::Serialize;
 
-use crate::fanout::Verdict;
-use crate::keys::Signer;
+use crate::protocol::keys::Signer;
+use crate::verdict::{Embedded, Verdict};
 
 /// Records between two interval checkpoints, unless `audit_checkpoint_every` says otherwise.
-pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+pub(crate) const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
 
 /// The longest an audit record stays unsealed under steady load, unless `audit_checkpoint_ms`
 /// says otherwise.
-pub const DEFAULT_CHECKPOINT_MS: u64 = 1000;
+pub(crate) const DEFAULT_CHECKPOINT_MS: u64 = 1000;
 
 /// `prev` of the very first record of a chain.
-pub const GENESIS: [u8; 32] = [0; 32];
+pub(crate) const GENESIS: [u8; 32] = [0; 32];
 
 /// What a checkpoint's signature covers, besides the fields it names: a fixed context string, so
 /// the signature can never stand in for a token or anything else the gateway key signs.
@@ -82,7 +82,7 @@ struct State {
 /// Counts the requests that will write an audit record and have not yet, so that the one
 /// written last before the gateway goes idle can be sealed at once.
 #[derive(Debug, Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     count: AtomicUsize,
     /// Woken when a request ends without writing a record and was the last one pending.
     idle: tokio::sync::Notify,
@@ -90,7 +90,7 @@ pub struct Pending {
 
 /// One request's place in [`Pending`]; given back when its record is written, or when dropped.
 #[derive(Debug)]
-pub struct Ticket {
+pub(crate) struct Ticket {
     pending: Arc<Pending>,
     open: bool,
 }
@@ -98,38 +98,38 @@ pub struct Ticket {
 /// When to seal besides every `every` records: when the gateway goes idle, and `within` this
 /// long of the first unsealed record (`None`: neither).
 #[derive(Debug, Clone, Copy)]
-pub struct SealPolicy {
-    pub every: u64,
-    pub within: Option<Duration>,
+pub(crate) struct SealPolicy {
+    pub(crate) every: u64,
+    pub(crate) within: Option<Duration>,
 }
 
 /// One answered request.
 #[derive(Debug, Serialize)]
-pub struct AuditRecord<'a> {
+pub(crate) struct AuditRecord<'a> {
     /// RFC 3339 UTC with milliseconds.
-    pub ts: String,
-    pub request_id: &'a str,
+    pub(crate) ts: String,
+    pub(crate) request_id: &'a str,
     #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub status: i64,
-    pub action: &'static str,
-    pub error: &'a str,
-    pub duration_ms: f64,
+    pub(crate) kind: &'static str,
+    pub(crate) status: i64,
+    pub(crate) action: &'static str,
+    pub(crate) error: &'a str,
+    pub(crate) duration_ms: f64,
     /// `off`, `pass`, `reject: <rule>`, or `not_evaluated` (the token or payload was refused).
-    pub embedded: String,
-    pub servers: &'a [Verdict],
-    pub config_generation: u64,
+    pub(crate) embedded: &'a Embedded,
+    pub(crate) servers: &'a [Verdict],
+    pub(crate) config_generation: u64,
     /// Present (true) only for a TSS Node retry answered from its twin's evaluation.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub duplicate: bool,
+    pub(crate) duplicate: bool,
     /// The verified CallbackRequest, with `audit_payloads: true`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub request: Option<&'a serde_json::Value>,
+    pub(crate) request: Option<&'a serde_json::Value>,
 }
 
 /// Why a checkpoint was written (its `reason`).
 #[derive(Debug, Clone, Copy)]
-pub enum Seal {
+pub(crate) enum Seal {
     /// `audit_checkpoint_every` records since the last one.
     Interval,
     /// The gateway is stopping.
@@ -176,7 +176,7 @@ fn head_path(log: &Path) -> PathBuf {
 }
 
 /// The 32 bytes of a 64-digit hex SHA-256.
-pub fn parse_hex(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_hex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
@@ -188,7 +188,7 @@ pub fn parse_hex(s: &str) -> Option<[u8; 32]> {
 }
 
 /// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -199,7 +199,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of one line's bytes (without its newline).
-pub fn line_hash(line: &[u8]) -> [u8; 32] {
+pub(crate) fn line_hash(line: &[u8]) -> [u8; 32] {
     let d = digest::digest(&digest::SHA256, line);
     let mut out = [0; 32];
     out.copy_from_slice(d.as_ref());
@@ -208,12 +208,12 @@ pub fn line_hash(line: &[u8]) -> [u8; 32] {
 
 /// The bytes a checkpoint's signature covers: the chain head it seals (its `prev`), its `seq`,
 /// `ts` and `reason`.
-pub fn checkpoint_message(prev: &str, seq: u64, ts: &str, reason: &str) -> Vec<u8> {
+pub(crate) fn checkpoint_message(prev: &str, seq: u64, ts: &str, reason: &str) -> Vec<u8> {
     format!("{CHECKPOINT_CONTEXT}\nprev {prev}\nseq {seq}\nts {ts}\nreason {reason}\n").into_bytes()
 }
 
 /// The key id of a public key: lowercase hex SHA-256 of its SPKI DER.
-pub fn key_id(spki_der: &[u8]) -> String {
+pub(crate) fn key_id(spki_der: &[u8]) -> String {
     hex(&line_hash(spki_der))
 }
 
@@ -230,7 +230,7 @@ fn file_id(m: &fs::Metadata) -> (u64, u64) {
 impl AuditLog {
     /// Opens (creating it and its folder if needed) the log at `path` and picks up the head of
     /// its chain from its last line.
-    pub fn open(path: &Path) -> std::io::Result<AuditLog> {
+    pub(crate) fn open(path: &Path) -> std::io::Result<AuditLog> {
         // Left by the last clean shutdown: where the chain stood, in case the file was rotated
         // away while the gateway was stopped. Only valid until the next start.
         let saved = fs::read(head_path(path))
@@ -253,7 +253,7 @@ impl AuditLog {
     /// then a checkpoint signed by `signer` if `policy.every` records are now unsealed, if no
     /// other request is pending (the gateway is going idle), or if the oldest unsealed record is
     /// `policy.within` old.
-    pub fn append(
+    pub(crate) fn append(
         &self,
         record: &AuditRecord<'_>,
         signer: &Signer,
@@ -290,7 +290,7 @@ impl AuditLog {
     }
 
     /// Seals unsealed records if `idle` (no request pending) or the oldest is `within` old.
-    pub fn seal_if_due(
+    pub(crate) fn seal_if_due(
         &self,
         signer: &Signer,
         idle: bool,
@@ -311,7 +311,7 @@ impl AuditLog {
 
     /// Closes this file with a checkpoint when a reload points `audit_log` elsewhere; a request
     /// that still writes here afterwards is sealed at once.
-    pub fn retire(&self, signer: &Signer) -> std::io::Result<()> {
+    pub(crate) fn retire(&self, signer: &Signer) -> std::io::Result<()> {
         let mut state = self.lock();
         state.retired = true;
         if state.unsealed > 0 {
@@ -320,18 +320,9 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Writes a checkpoint if any record is not yet covered by one (at shutdown).
-    pub fn seal(&self, signer: &Signer, why: Seal) -> std::io::Result<()> {
-        let mut state = self.lock();
-        if state.unsealed > 0 {
-            state.seal(signer, why)?;
-        }
-        Ok(())
-    }
-
     /// Moves to a new file at the configured path if the open one was renamed or deleted (on
     /// SIGHUP; every append checks too).
-    pub fn reopen(&self, signer: &Signer) -> std::io::Result<()> {
+    pub(crate) fn reopen(&self, signer: &Signer) -> std::io::Result<()> {
         self.lock().follow(&self.path, signer)
     }
 
@@ -505,7 +496,7 @@ impl State {
 
 impl Pending {
     /// Counts one more request that will write a record.
-    pub fn enter(self: &Arc<Self>) -> Ticket {
+    pub(crate) fn enter(self: &Arc<Self>) -> Ticket {
         self.count.fetch_add(1, Ordering::AcqRel);
         Ticket {
             pending: self.clone(),
@@ -514,12 +505,12 @@ impl Pending {
     }
 
     /// No request is pending.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
     }
 
     /// Resolves when the last pending request ended without writing a record.
-    pub async fn went_idle(&self) {
+    pub(crate) async fn went_idle(&self) {
         self.idle.notified().await;
     }
 }
@@ -545,7 +536,7 @@ impl Drop for Ticket {
 // === impl Seal ===
 
 impl Seal {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Seal::Interval => "interval",
             Seal::Shutdown => "shutdown",

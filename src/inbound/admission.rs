@@ -22,12 +22,12 @@ pub struct Admission {
 
 /// One admitted request. Dropping it frees its place.
 #[derive(Debug)]
-pub struct Permit(Arc<AtomicUsize>);
+pub(crate) struct Permit(Arc<AtomicUsize>);
 
 /// A downstream's call slots (`max_concurrent`), kept across reloads that leave it unchanged.
 #[derive(Debug)]
-pub struct Slots {
-    pub limit: usize,
+pub(crate) struct Slots {
+    pub(crate) limit: usize,
     semaphore: Arc<Semaphore>,
 }
 
@@ -35,7 +35,7 @@ pub struct Slots {
 
 impl Admission {
     /// A place for one more request, or `None` when `limit` are being decided already.
-    pub fn try_admit(&self, limit: usize) -> Option<Permit> {
+    pub(crate) fn try_admit(&self, limit: usize) -> Option<Permit> {
         let admitted = self
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -61,7 +61,7 @@ impl Drop for Permit {
 
 impl Slots {
     /// `None` for `limit` 0 (no limit).
-    pub fn new(limit: usize) -> Option<Arc<Slots>> {
+    pub(crate) fn new(limit: usize) -> Option<Arc<Slots>> {
         (limit > 0).then(|| {
             Arc::new(Slots {
                 limit,
@@ -71,7 +71,7 @@ impl Slots {
     }
 
     /// Waits for a free slot until `deadline`; `None` if none came free by then.
-    pub async fn acquire(&self, deadline: Instant) -> Option<OwnedSemaphorePermit> {
+    pub(crate) async fn acquire(&self, deadline: Instant) -> Option<OwnedSemaphorePermit> {
         let wait = self.semaphore.clone().acquire_owned();
         match tokio::time::timeout_at(deadline, wait).await {
             Ok(Ok(permit)) => Some(permit),

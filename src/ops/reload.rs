@@ -13,9 +13,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
-use crate::runtime::{Runtime, Sources};
+use crate::generation::{Generation, Sources};
+use crate::ops::audit::AuditLog;
 use crate::Shared;
 
 /// File events closer together than this are one change (editors write in several steps).
@@ -59,9 +59,9 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
 }
 
 fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
-    let old = shared.runtime.load_full();
-    let rt = Runtime::reload(path, &old)?;
-    let audit = match &rt.config.audit_log {
+    let old = shared.current.load_full();
+    let next = Generation::reload(path, &old)?;
+    let audit = match &next.config.audit_log {
         Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
         Some(p) => Some(Arc::new(AuditLog::open(p).map_err(|source| {
             ReloadError::Audit {
@@ -71,27 +71,27 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
         })?)),
         None => None,
     };
-    if rt.config.listen != old.config.listen {
+    if next.config.listen != old.config.listen {
         tracing::warn!(
             running = %old.config.listen,
-            configured = %rt.config.listen,
+            configured = %next.config.listen,
             "listen changed: restart the gateway to move the listener; it keeps the old address until then"
         );
     }
-    if rt.config.admin_listen != old.config.admin_listen {
+    if next.config.admin_listen != old.config.admin_listen {
         tracing::warn!("admin_listen changed: restart the gateway to move the admin endpoints");
     }
-    for w in &rt.warnings {
+    for w in &next.warnings {
         tracing::warn!("{w}");
     }
     let removed: Vec<Arc<str>> = old
         .downstreams
         .iter()
-        .filter(|d| !rt.downstreams.iter().any(|n| n.name == d.name))
+        .filter(|d| !next.downstreams.iter().any(|n| n.name == d.name))
         .map(|d| d.name.clone())
         .collect();
-    let generation = rt.generation;
-    shared.runtime.store(Arc::new(rt));
+    let generation = next.number;
+    shared.current.store(Arc::new(next));
     let before = shared.audit.swap(audit);
     if let Some(before) = before {
         let same = shared
@@ -151,13 +151,13 @@ fn reload_until_current(shared: &Shared, path: &Path, reason: &str, before: &Sou
                 )
             }));
         }
-        let loaded = shared.runtime.load().sources.clone();
+        let loaded = shared.current.load().sources.clone();
         if Sources::on_disk(loaded.paths()) == loaded {
             return loaded;
         }
         reason = "file changed while loading";
     }
-    shared.runtime.load().sources.clone()
+    shared.current.load().sources.clone()
 }
 
 /// Reloads on SIGHUP and on changes to the config or its key files, until the process ends.
@@ -180,7 +180,7 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
             }
         };
     // The running generation's sources: a change made since it was loaded is a change.
-    let mut seen = shared.runtime.load().sources.clone();
+    let mut seen = shared.current.load().sources.clone();
     let mut dirs = BTreeSet::new();
     let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>,
                       files: &Sources,

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Mode};
-use crate::decision::{decide, Decision};
-use crate::fanout::{Outcome, Verdict};
 use crate::protocol::{self, Action, RequestType};
 use crate::rules::{RejectOnly, RuleSet, RuleVerdict, Section};
+use crate::verdict::{decide, Decision};
+use crate::verdict::{Outcome, Verdict};
 
 /// One decision that would change.
 #[derive(Debug)]
@@ -33,15 +33,15 @@ pub struct Change {
 
 /// Counts for one request type.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Tally {
-    pub replayed: u64,
-    pub changed: u64,
+pub(crate) struct Tally {
+    pub(crate) replayed: u64,
+    pub(crate) changed: u64,
 }
 
 /// What a replay found, besides the changes given to the caller one by one.
 #[derive(Debug, Default)]
 pub struct Report {
-    pub by_type: BTreeMap<&'static str, Tally>,
+    pub(crate) by_type: BTreeMap<&'static str, Tally>,
     /// Request records without a `request` (recorded with `audit_payloads` off), or refused
     /// before any rule or server looked at them (status 10/20).
     pub skipped: u64,
@@ -230,6 +230,42 @@ fn redecide(
             ));
         }
     }
+    let after = decide_again(&rules, &subscribers, recorded, &mut why);
+    let had_check = was_rule_rejected || recorded.servers.iter().any(|(_, m, _)| *m == "enforce");
+    if kind != Some(RequestType::Ping)
+        && subscribers.is_empty()
+        && !kind.is_some_and(|k| covers(&candidate.embedded_risk_control_rules, k))
+        && had_check
+    {
+        why.push(format!(
+            "no check would cover it: no enforcing server subscribes to {kind_name} and no embedded rule restricts it"
+        ));
+    }
+    let decision_changed = !same(&before, &after);
+    if !decision_changed && !why.iter().any(|w| w.starts_with("no check")) {
+        return None;
+    }
+    if why.is_empty() {
+        why.push("the recorded answers decide differently under the candidate".into());
+    }
+    Some(Change {
+        request_id,
+        kind: kind_name,
+        before,
+        after,
+        why,
+    })
+}
+
+/// The decision under the candidate's `rules` from the answers `subscribers` gave at the time:
+/// `UNKNOWN` (with the reason in `why`) when one of them was not asked or its answer was not
+/// recorded.
+fn decide_again(
+    rules: &RuleVerdict,
+    subscribers: &[&str],
+    recorded: &Recorded<'_>,
+    why: &mut Vec<String>,
+) -> String {
     let known = |name: &str| {
         recorded
             .servers
@@ -243,7 +279,7 @@ fn redecide(
         .filter(|n| known(n).is_none())
         .collect();
 
-    let after = if let RuleVerdict::Reject(rule) = &rules {
+    if let RuleVerdict::Reject(rule) = rules {
         label_decision(&decide(&RuleVerdict::Reject(rule.clone()), &[]))
     } else if let Some(rejecter) = subscribers
         .iter()
@@ -275,33 +311,8 @@ fn redecide(
                 })
             })
             .collect();
-        label_decision(&decide(&rules, &verdicts))
-    };
-
-    let had_check = was_rule_rejected || recorded.servers.iter().any(|(_, m, _)| *m == "enforce");
-    if kind != Some(RequestType::Ping)
-        && subscribers.is_empty()
-        && !kind.is_some_and(|k| covers(&candidate.embedded_risk_control_rules, k))
-        && had_check
-    {
-        why.push(format!(
-            "no check would cover it: no enforcing server subscribes to {kind_name} and no embedded rule restricts it"
-        ));
+        label_decision(&decide(rules, &verdicts))
     }
-    let decision_changed = !same(&before, &after);
-    if !decision_changed && !why.iter().any(|w| w.starts_with("no check")) {
-        return None;
-    }
-    if why.is_empty() {
-        why.push("the recorded answers decide differently under the candidate".into());
-    }
-    Some(Change {
-        request_id,
-        kind: kind_name,
-        before,
-        after,
-        why,
-    })
 }
 
 /// Whether two labels are the same decision (ignoring who made it).

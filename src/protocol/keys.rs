@@ -113,7 +113,7 @@ impl Signer {
 
     /// The matching public key as SPKI DER (`BEGIN PUBLIC KEY` contents), as audit checkpoints
     /// carry it.
-    pub fn public_spki_der(&self) -> Vec<u8> {
+    pub(crate) fn public_spki_der(&self) -> Vec<u8> {
         // The public half of a key pair that loaded always encodes.
         self.key
             .public_key()
@@ -139,19 +139,6 @@ impl fmt::Debug for Signer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Signer(RSA-{})", self.key.public_modulus_len() * 8)
     }
-}
-
-// === signing pool ===
-
-/// Runs `work` (RSA private-key signing) on the signing pool ([`crate::signing_pool`]), off the
-/// async worker threads. `None` only if the job panicked or could not run; callers then fail
-/// closed.
-pub async fn on_signing_pool<T, F>(work: F) -> Option<T>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    crate::signing_pool::run(work).await
 }
 
 // === impl Verifier ===
@@ -199,7 +186,7 @@ impl Verifier {
     }
 
     /// An RSA public key from its DER (SPKI or PKCS#1), as an audit checkpoint carries it.
-    pub fn from_der(der: &[u8]) -> Option<Self> {
+    pub(crate) fn from_der(der: &[u8]) -> Option<Self> {
         ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
             .ok()
             .map(|k| Verifier { keys: vec![k] })

@@ -13,9 +13,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use super::routes;
 use crate::config::ConfigError;
-use crate::metrics::Metrics;
-use crate::runtime::Runtime;
+use crate::generation::Generation;
+use crate::ops::metrics::Metrics;
 use crate::Shared;
 
 /// A client gets this long to send its request headers; slow-header clients are cut off.
@@ -37,14 +38,14 @@ pub enum ServeError {
 
 /// Loads the config at `path` and serves until SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), ServeError> {
-    let rt = Runtime::load(path, 1)?;
-    raise_open_file_limit(&rt);
-    crate::signing_pool::start();
-    let listen = rt.config.listen;
-    let admin_listen = rt.config.admin_listen;
-    let summary = rt.summary();
-    let warnings = rt.warnings.clone();
-    let shared = Shared::new(rt, Metrics::new()).map_err(ServeError::Audit)?;
+    let g = Generation::load(path, 1)?;
+    raise_open_file_limit(&g);
+    crate::protocol::signing_pool::start();
+    let listen = g.config.listen;
+    let admin_listen = g.config.admin_listen;
+    let summary = g.summary();
+    let warnings = g.warnings.clone();
+    let shared = Shared::new(g, Metrics::new()).map_err(ServeError::Audit)?;
     let listener = bind(listen).map_err(|source| ServeError::Bind {
         addr: listen.to_string(),
         source,
@@ -65,8 +66,8 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     }
     tracing::info!(listen = ?local, version = env!("CARGO_PKG_VERSION"), "gateway listening");
 
-    tokio::spawn(crate::health::run(shared.clone()));
-    tokio::spawn(crate::reload::watch(shared.clone(), path.to_owned()));
+    tokio::spawn(crate::ops::health::run(shared.clone()));
+    tokio::spawn(crate::ops::reload::watch(shared.clone(), path.to_owned()));
     tokio::spawn(shared.clone().keep_audit_sealed());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
@@ -84,7 +85,7 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
 
     if let Some(audit) = shared.audit.load_full() {
         // A signed checkpoint closes the file, so `audit verify` can tell it was not cut short.
-        if let Err(e) = audit.close(&shared.runtime.load().signer) {
+        if let Err(e) = audit.close(&shared.current.load().signer) {
             tracing::error!(error = %e, "audit log checkpoint or sync failed at shutdown");
         }
     }
@@ -99,7 +100,7 @@ pub async fn serve_admin(
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(crate::server::admin_router(shared));
+    let service = TowerToHyperService::new(routes::admin_router(shared));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -123,10 +124,10 @@ pub async fn serve_admin(
 
 /// The routes `listen` serves: the node's only when `admin_listen` is set, else all of them.
 fn listen_router(shared: &Arc<Shared>) -> axum::Router {
-    if shared.runtime.load().config.admin_listen.is_some() {
-        crate::server::node_router(shared.clone())
+    if shared.current.load().config.admin_listen.is_some() {
+        routes::node_router(shared.clone())
     } else {
-        crate::server::router(shared.clone())
+        routes::router(shared.clone())
     }
 }
 
@@ -150,7 +151,7 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each request in flight holds
 /// its inbound connection and, over HTTP/1.1, one outbound connection per server: with the
 /// common soft limit of 1,024 and five servers, descriptors would run out at about 170.
-fn raise_open_file_limit(rt: &Runtime) {
+fn raise_open_file_limit(g: &Generation) {
     use rlimit::Resource;
     let (soft, hard) = match rlimit::getrlimit(Resource::NOFILE) {
         Ok(limits) => limits,
@@ -176,12 +177,12 @@ fn raise_open_file_limit(rt: &Runtime) {
         hard,
         "open-file limit (RLIMIT_NOFILE)"
     );
-    let needed = (rt.config.max_in_flight * (1 + rt.downstreams.len()) + 64) as u64;
+    let needed = (g.config.max_in_flight * (1 + g.downstreams.len()) + 64) as u64;
     if raised < needed {
         tracing::warn!(
             limit = raised,
             needed,
-            max_in_flight = rt.config.max_in_flight,
+            max_in_flight = g.config.max_in_flight,
             "the open-file limit is below max_in_flight x (1 + servers) + 64: connections may fail under load"
         );
     }
@@ -214,7 +215,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let tls = shared.runtime.load().tls.clone();
+                let tls = shared.current.load().tls.clone();
                 let (http, service, watcher) = (http.clone(), service.clone(), graceful.watcher());
                 tokio::spawn(async move {
                     let result = match tls {
@@ -244,7 +245,7 @@ pub async fn serve(
     }
     drop(listener);
     let grace =
-        Duration::from_millis(shared.runtime.load().config.deadline_ms) + Duration::from_secs(1);
+        Duration::from_millis(shared.current.load().config.deadline_ms) + Duration::from_secs(1);
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
         "shutting down: finishing requests in flight"
@@ -258,7 +259,7 @@ pub async fn serve(
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

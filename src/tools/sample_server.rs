@@ -15,7 +15,7 @@ use axum::routing::post;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::keys::{Signer, Verifier};
+use crate::protocol::keys::{Signer, Verifier};
 use crate::protocol::{self, Action, CallbackRequest, CallbackResponse, RequestType, Status};
 
 /// How a sample server decides.

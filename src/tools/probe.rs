@@ -4,32 +4,32 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::client::{self, CallError};
-use crate::keys::{KeyError, Signer, Verifier};
+use crate::outbound::client::{self, CallError};
+use crate::protocol::keys::{KeyError, Signer, Verifier};
 use crate::protocol::{self, CallbackResponse, RequestType};
 
 /// The sample CallbackRequests shipped with the binary, one per task type (built with Cobo's SDK
 /// models; the same files as `config/samples/`).
-pub const SAMPLES: [(RequestType, &str); 5] = [
+pub(crate) const SAMPLES: [(RequestType, &str); 5] = [
     (
         RequestType::Ping,
-        include_str!("../config/samples/ping.json"),
+        include_str!("../../config/samples/ping.json"),
     ),
     (
         RequestType::KeyGen,
-        include_str!("../config/samples/key_gen.json"),
+        include_str!("../../config/samples/key_gen.json"),
     ),
     (
         RequestType::KeySign,
-        include_str!("../config/samples/key_sign.json"),
+        include_str!("../../config/samples/key_sign.json"),
     ),
     (
         RequestType::KeyReshare,
-        include_str!("../config/samples/key_reshare.json"),
+        include_str!("../../config/samples/key_reshare.json"),
     ),
     (
         RequestType::KeyShareSign,
-        include_str!("../config/samples/key_share_sign.json"),
+        include_str!("../../config/samples/key_share_sign.json"),
     ),
 ];
 

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 
-use crate::keys::Verifier;
+use crate::protocol::keys::Verifier;
 use crate::protocol::{self, CallbackResponse, TokenError, FORM_FIELD};
+use crate::verdict::Outcome;
 
 /// Answers longer than this are refused unread: a signed CallbackResponse is well under 2 KiB.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Why one call did not produce a verified CallbackResponse. The variant is the metric outcome.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,19 @@ pub enum CallError {
     BadResponse(String),
 }
 
+/// The metric outcome of a failed call.
+impl From<&CallError> for Outcome {
+    fn from(e: &CallError) -> Outcome {
+        match e {
+            CallError::Timeout(_) => Outcome::Timeout,
+            CallError::Transport(_) => Outcome::TransportError,
+            CallError::Http(_) => Outcome::HttpError,
+            CallError::BadSignature(_) => Outcome::BadSignature,
+            CallError::BadResponse(_) => Outcome::BadResponse,
+        }
+    }
+}
+
 /// An HTTP answer before any of it is trusted.
 #[derive(Debug)]
 pub struct RawAnswer {
@@ -38,7 +52,7 @@ pub struct RawAnswer {
 
 /// Builds the HTTP client used for callbacks: no proxies (a proxy would see every token), Nagle
 /// off, pooled keep-alive connections.
-pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
+pub(crate) fn http_client(connect_timeout: Duration) -> reqwest::Client {
     builder(connect_timeout)
         .build()
         // Building a client without custom TLS roots or proxies only fails if the TLS backend
@@ -46,7 +60,7 @@ pub fn http_client(connect_timeout: Duration) -> reqwest::Client {
         .expect("the HTTP client backend initialises")
 }
 
-/// The settings every callback client shares; TLS options are added by [`crate::tls`].
+/// The settings every callback client shares; TLS options are added by [`super::tls`].
 pub fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         // A redirect is an answer we did not ask for: following it would re-post the signed token
@@ -91,7 +105,7 @@ pub async fn post_token(
 
 /// Posts a [`form_body`] and reads at most [`MAX_ANSWER_BYTES`] of the answer. Callers bound the
 /// time with their own timeout.
-pub async fn post_form(
+pub(crate) async fn post_form(
     client: &reqwest::Client,
     url: &reqwest::Url,
     body: Bytes,
@@ -186,7 +200,7 @@ pub fn read_answer(
 }
 
 /// The first 80 characters of untrusted text, for error messages.
-pub fn snippet(text: &str) -> String {
+pub(crate) fn snippet(text: &str) -> String {
     let mut s: String = text.chars().take(80).collect();
     if s.len() < text.len() {
         s.push('…');

@@ -46,7 +46,7 @@ fn queue() -> &'static Mutex<Sender<Job>> {
 /// Starts the threads now rather than at the first signature, and lets each seed its random
 /// generator (RSA blinding) before any request waits for it: the first use of aws-lc's random
 /// generator in a process gathers CPU-jitter entropy for about 100 ms of CPU.
-pub fn start() {
+pub(crate) fn start() {
     let _ = queue();
 }
 
@@ -67,7 +67,7 @@ fn run_jobs(rx: &Mutex<Receiver<Job>>) {
 /// Runs `work` (an RSA private-key operation) on the signing pool and waits for its result
 /// asynchronously. `None` only if the job panicked or the pool has no thread; callers then fail
 /// closed. If the returned future is dropped before the job starts, the job is skipped.
-pub async fn run<T, F>(work: F) -> Option<T>
+pub(crate) async fn run<T, F>(work: F) -> Option<T>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,

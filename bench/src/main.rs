@@ -2,7 +2,7 @@
 //! downstream servers of configurable latency on loopback, driven with pre-signed unique
 //! requests, beside the baselines a user would compare it with. Prints one table.
 //!
-//!     cargo run --release --bin bench -- [--quick]
+//!     bash scripts/bench.sh [--quick] [--only ABCDE]   (builds the gateway and this member)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,11 +11,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tss_callback_gateway::client;
-use tss_callback_gateway::keys::{self, Signer, Verifier};
-use tss_callback_gateway::probe::sample_with_id;
+use tss_callback_gateway::outbound::client;
+use tss_callback_gateway::protocol::keys::{self, Signer, Verifier};
 use tss_callback_gateway::protocol::{self, Action, CallbackResponse, RequestType, Status};
-use tss_callback_gateway::sample_server::{self, Policy, SampleServer};
+use tss_callback_gateway::tools::probe::sample_with_id;
+use tss_callback_gateway::tools::sample_server::{self, Policy, SampleServer};
 
 /// One measured row.
 struct Row {
@@ -456,9 +456,6 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
         answers: Answers::default(),
         dir,
     };
-    let mut rows = Vec::new();
-    let fast = Duration::ZERO;
-
     // (c) the crypto floor.
     // On both cores at once, as the gateway runs: that is what "the floor on 2 cores" allows.
     let (one5, _) = crypto_floor(&k, 5, 1);
@@ -470,86 +467,116 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
     // The floor as latency: one request's RSA work on one core, in ms.
     let floor_ms = one5 / 1000.0;
 
-    // (A) N=5 at 50 ms, open loop 200 req/s.
+    let mut rows = Vec::new();
     if on("A") {
-        let s = setup(&k, 5, Duration::from_millis(50), false, 5000, H1).await;
-        let warm = presign(&k, "a-warm", 200);
-        open_loop(&s.url, &k.gateway_pub, warm, 200.0).await;
-        let before = proc_stats(s.child.id()).0;
-        let r = open_loop(
-            &s.url,
-            &k.gateway_pub,
-            presign(&k, "a", (200.0 * secs) as usize),
-            200.0,
-        )
-        .await;
-        let mut row = measured(
-            "A open loop 200/s",
-            5,
-            50,
-            &r,
-            Some((before, s.child.id())),
-            String::new(),
-        );
-        // (a) one of those servers called directly at the same rate: what the gateway adds is
-        // measured against this, not against the nominal 50 ms.
-        let direct = open_loop(
-            &s.downstream_urls[0],
-            &s.downstream_pub,
-            presign_downstream(&k, (200.0 * secs) as usize),
-            200.0,
-        )
-        .await;
-        let direct_row = measured(
-            "(a) direct to 1 server 200/s",
-            1,
-            50,
-            &direct,
-            None,
-            "no gateway".into(),
-        );
-        let (over50, over99) = (row.p50 - direct_row.p50, row.p99 - direct_row.p99);
-        row.target = format!(
-            "over direct p50 +{over50:.1} ms ≤ floor {floor_ms:.1} + 1.5 ms {}, p99 +{over99:.1} ms ≤ floor + 3 ms {}",
-            mark(over50 <= floor_ms + 1.5),
-            mark(over99 <= floor_ms + 3.0)
-        );
-        rows.push(row);
-        rows.push(direct_row);
-        // (b) the same five servers asked one after another by one client.
-        let c = http();
-        let mut lat = Vec::new();
-        let n = if quick { 20 } else { 60 };
-        let start = Instant::now();
-        for (id, token) in presign_downstream(&k, n) {
-            let t = Instant::now();
-            for u in &s.downstream_urls {
-                one(&c, u, &token, &id, &s.downstream_pub).await;
-            }
-            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        lat.sort_by(f64::total_cmp);
-        rows.push(measured(
-            "(b) sequential, 5 servers",
-            5,
-            50,
-            &(lat, start.elapsed().as_secs_f64(), 0),
-            None,
-            "what one-by-one checking costs".into(),
-        ));
+        rows.extend(scenario_a(&k, quick, secs, floor_ms).await);
     }
+    if on("B") {
+        rows.extend(scenario_b(&k, quick, floor5).await);
+    }
+    if on("C") {
+        rows.extend(scenario_c(&k).await);
+    }
+    if on("D") {
+        rows.push(scenario_d(&k, quick).await);
+    }
+    let overload_note = if on("E") {
+        scenario_e(&k).await
+    } else {
+        String::new()
+    };
+    print_table(rows);
+    if !overload_note.is_empty() {
+        println!("\n{overload_note}");
+    }
+    println!(
+        "\ncrypto floor (c), both cores at once: {floor5:.0} µs CPU per request with N=5 ({rate5:.0} req/s), {floor1:.0} µs with N=1 ({rate1:.0} req/s); on one core alone {one5:.0} µs and {one1:.0} µs"
+    );
+}
 
-    // (B) closed loop, instant downstreams, N=5: HTTP/1.1 and HTTP/2 to the downstreams.
-    for (opts, label, budget) in [(H1, "HTTP/1.1", 1.35), (H2, "HTTP/2", 1.25)]
-        .into_iter()
-        .filter(|_| on("B"))
-    {
+/// (A) N=5 at 50 ms, open loop 200 req/s, with (a) one server called directly and (b) the five
+/// asked one after another.
+async fn scenario_a(k: &Keys, quick: bool, secs: f64, floor_ms: f64) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let s = setup(k, 5, Duration::from_millis(50), false, 5000, H1).await;
+    let warm = presign(k, "a-warm", 200);
+    open_loop(&s.url, &k.gateway_pub, warm, 200.0).await;
+    let before = proc_stats(s.child.id()).0;
+    let r = open_loop(
+        &s.url,
+        &k.gateway_pub,
+        presign(k, "a", (200.0 * secs) as usize),
+        200.0,
+    )
+    .await;
+    let mut row = measured(
+        "A open loop 200/s",
+        5,
+        50,
+        &r,
+        Some((before, s.child.id())),
+        String::new(),
+    );
+    // (a) one of those servers called directly at the same rate: what the gateway adds is
+    // measured against this, not against the nominal 50 ms.
+    let direct = open_loop(
+        &s.downstream_urls[0],
+        &s.downstream_pub,
+        presign_downstream(k, (200.0 * secs) as usize),
+        200.0,
+    )
+    .await;
+    let direct_row = measured(
+        "(a) direct to 1 server 200/s",
+        1,
+        50,
+        &direct,
+        None,
+        "no gateway".into(),
+    );
+    let (over50, over99) = (row.p50 - direct_row.p50, row.p99 - direct_row.p99);
+    row.target = format!(
+        "over direct p50 +{over50:.1} ms ≤ floor {floor_ms:.1} + 1.5 ms {}, p99 +{over99:.1} ms ≤ floor + 3 ms {}",
+        mark(over50 <= floor_ms + 1.5),
+        mark(over99 <= floor_ms + 3.0)
+    );
+    rows.push(row);
+    rows.push(direct_row);
+    // (b) the same five servers asked one after another by one client.
+    let c = http();
+    let mut lat = Vec::new();
+    let n = if quick { 20 } else { 60 };
+    let start = Instant::now();
+    for (id, token) in presign_downstream(k, n) {
+        let t = Instant::now();
+        for u in &s.downstream_urls {
+            one(&c, u, &token, &id, &s.downstream_pub).await;
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    rows.push(measured(
+        "(b) sequential, 5 servers",
+        5,
+        50,
+        &(lat, start.elapsed().as_secs_f64(), 0),
+        None,
+        "what one-by-one checking costs".into(),
+    ));
+    rows
+}
+
+/// (B) closed loop, instant downstreams, N=5: HTTP/1.1 and HTTP/2 to the downstreams.
+async fn scenario_b(k: &Keys, quick: bool, floor5: f64) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let fast = Duration::ZERO;
+    for (opts, label, budget) in [(H1, "HTTP/1.1", 1.35), (H2, "HTTP/2", 1.25)] {
         let n = 5;
-        let s = setup(&k, n, fast, false, 5000, opts).await;
+        let s = setup(k, n, fast, false, 5000, opts).await;
         closed_loop(
             &s.url,
             &k.gateway_pub,
-            presign(&k, &format!("b{label}-warm"), 256),
+            presign(k, &format!("b{label}-warm"), 256),
             conc(),
         )
         .await;
@@ -558,7 +585,7 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
         // shared with the client and the downstreams, so single rounds vary by ~10%).
         let mut rounds = Vec::new();
         for round in 0..3 {
-            let tokens = presign(&k, &format!("b{label}-{round}"), count);
+            let tokens = presign(k, &format!("b{label}-{round}"), count);
             let before = proc_stats(s.child.id()).0;
             let r = closed_loop(&s.url, &k.gateway_pub, tokens, conc()).await;
             rounds.push(measured(
@@ -587,17 +614,22 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
         rows.push(row);
     }
 
-    // (C) 1,000 requests in flight, N=5, HTTP/2 and HTTP/1.1 downstreams.
+    rows
+}
+
+/// (C) 1,000 requests in flight, N=5, HTTP/2 and HTTP/1.1 downstreams.
+async fn scenario_c(k: &Keys) -> Vec<Row> {
+    let mut rows = Vec::new();
+    // BENCH_C_LABEL=HTTP/2 (or HTTP/1.1) runs one of the two, e.g. under heaptrack.
+    let only = std::env::var("BENCH_C_LABEL").ok();
     for (opts, label) in [(H2, "HTTP/2"), (H1, "HTTP/1.1")]
         .into_iter()
-        .filter(|(_, label)| {
-            on("C") && std::env::var("BENCH_C_LABEL").map_or(true, |l| l == *label)
-        })
+        .filter(|(_, label)| only.as_deref().is_none_or(|l| l == *label))
     {
         let n = 5;
-        let s = setup(&k, n, Duration::from_millis(2000), false, 5000, opts).await;
+        let s = setup(k, n, Duration::from_millis(2000), false, 5000, opts).await;
         let before = proc_stats(s.child.id()).0;
-        let tokens = presign(&k, &format!("c{label}"), 1000);
+        let tokens = presign(k, &format!("c{label}"), 1000);
         let r = open_loop(&s.url, &k.gateway_pub, tokens, 2000.0).await;
         let mut row = measured(
             &format!("C 1000 in flight (2 s servers) {label}"),
@@ -625,70 +657,76 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
         rows.push(row);
     }
 
-    // (D) one hung downstream, timeout_ms 500.
-    if on("D") {
-        let s = setup(&k, 5, fast, true, 500, H1).await;
-        let before = proc_stats(s.child.id()).0;
-        let count = if quick { 100 } else { 300 };
-        let r = open_loop(&s.url, &k.gateway_pub, presign(&k, "d", count), 50.0).await;
-        let mut row = measured(
-            "D 1 hung server, timeout 500 ms",
-            5,
-            500,
-            &r,
-            Some((before, s.child.id())),
-            String::new(),
-        );
-        row.target = format!("p99 ≤ 520 ms {}", mark(row.p99 <= 520.0));
-        rows.push(row);
-    }
+    rows
+}
 
-    // (E) overload: 5,000 requests at once against max_in_flight 500, N=5 at 1 s, HTTP/1.1.
-    let mut overload_note = String::new();
-    if on("E") {
-        let limit = std::env::var("BENCH_E_LIMIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(500);
-        let (n, flood) = (5, 5000);
-        let opts = Opts {
-            http2: "never",
-            max_in_flight: limit,
-        };
-        let s = setup(&k, n, Duration::from_millis(1000), false, 5000, opts).await;
-        let before = proc_stats(s.child.id()).0;
-        let tokens = presign(&k, "e", flood);
-        let f = if std::env::var_os("BENCH_PRECONNECT").is_some() {
-            overload_preconnected(&s.url, &k.gateway_pub, tokens).await
-        } else {
-            overload(&s.url, &k.gateway_pub, tokens).await
-        };
-        let (cpu, hwm, _) = proc_stats(s.child.id());
-        let formula = rss_formula_mb(n, limit, false, flood - limit);
-        let signed_max = f.signed.last().copied().unwrap_or(0.0);
-        let ok = f.errors == 0
-            && percentile(&f.shed, 0.99) <= 50.0
-            && signed_max <= 8000.0
-            && hwm <= formula;
-        overload_note = format!(
-            "E overload: {flood} requests at once, max_in_flight {limit}, N={n} at 1 s, HTTP/1.1: {} signed answers ({} approved; p50 {:.0} ms, max {:.0} ms ≤ deadline 8000 ms {}), {} HTTP 503 (p50 {:.1} ms, p99 {:.1} ms ≤ 50 ms {}), {} connection errors {}; gateway peak RSS {hwm:.1} MB ≤ formula {formula:.0} MB {}; gateway CPU {:.0} µs per request; {}",
-            f.signed.len(),
-            f.approved,
-            percentile(&f.signed, 0.5),
-            signed_max,
-            mark(signed_max <= 8000.0),
-            f.shed.len(),
-            percentile(&f.shed, 0.5),
-            percentile(&f.shed, 0.99),
-            mark(percentile(&f.shed, 0.99) <= 50.0),
-            f.errors,
-            mark(f.errors == 0),
-            mark(hwm <= formula),
-            (cpu - before) / flood as f64 * 1e6,
-            if ok { "all PASS" } else { "some MISS" },
-        );
-    }
+/// (D) one hung downstream, timeout_ms 500.
+async fn scenario_d(k: &Keys, quick: bool) -> Row {
+    let fast = Duration::ZERO;
+    let s = setup(k, 5, fast, true, 500, H1).await;
+    let before = proc_stats(s.child.id()).0;
+    let count = if quick { 100 } else { 300 };
+    let r = open_loop(&s.url, &k.gateway_pub, presign(k, "d", count), 50.0).await;
+    let mut row = measured(
+        "D 1 hung server, timeout 500 ms",
+        5,
+        500,
+        &r,
+        Some((before, s.child.id())),
+        String::new(),
+    );
+    row.target = format!("p99 ≤ 520 ms {}", mark(row.p99 <= 520.0));
+    row
+}
 
+/// (E) overload: 5,000 requests at once against max_in_flight 500, N=5 at 1 s, HTTP/1.1.
+async fn scenario_e(k: &Keys) -> String {
+    // BENCH_E_LIMIT=1 measures shedding alone (one request admitted, 4,999 shed).
+    let limit = std::env::var("BENCH_E_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let (n, flood) = (5, 5000);
+    let opts = Opts {
+        http2: "never",
+        max_in_flight: limit,
+    };
+    let s = setup(k, n, Duration::from_millis(1000), false, 5000, opts).await;
+    let before = proc_stats(s.child.id()).0;
+    let tokens = presign(k, "e", flood);
+    let f = if std::env::var_os("BENCH_PRECONNECT").is_some() {
+        overload_preconnected(&s.url, &k.gateway_pub, tokens).await
+    } else {
+        overload(&s.url, &k.gateway_pub, tokens).await
+    };
+    let (cpu, hwm, _) = proc_stats(s.child.id());
+    let formula = rss_formula_mb(n, limit, false, flood - limit);
+    let signed_max = f.signed.last().copied().unwrap_or(0.0);
+    let ok = f.errors == 0
+        && percentile(&f.shed, 0.99) <= 50.0
+        && signed_max <= 8000.0
+        && hwm <= formula;
+    format!(
+        "E overload: {flood} requests at once, max_in_flight {limit}, N={n} at 1 s, HTTP/1.1: {} signed answers ({} approved; p50 {:.0} ms, max {:.0} ms ≤ deadline 8000 ms {}), {} HTTP 503 (p50 {:.1} ms, p99 {:.1} ms ≤ 50 ms {}), {} connection errors {}; gateway peak RSS {hwm:.1} MB ≤ formula {formula:.0} MB {}; gateway CPU {:.0} µs per request; {}",
+        f.signed.len(),
+        f.approved,
+        percentile(&f.signed, 0.5),
+        signed_max,
+        mark(signed_max <= 8000.0),
+        f.shed.len(),
+        percentile(&f.shed, 0.5),
+        percentile(&f.shed, 0.99),
+        mark(percentile(&f.shed, 0.99) <= 50.0),
+        f.errors,
+        mark(f.errors == 0),
+        mark(hwm <= formula),
+        (cpu - before) / flood as f64 * 1e6,
+        if ok { "all PASS" } else { "some MISS" },
+    )
+}
+
+/// The Markdown table of `rows`.
+fn print_table(rows: Vec<Row>) {
     println!(
         "| scenario | N | downstream ms | req/s | p50 ms | p95 ms | p99 ms | overhead p50 ms | gateway CPU µs/req | gateway peak RSS MB | target |"
     );
@@ -710,12 +748,6 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
             r.target
         );
     }
-    if !overload_note.is_empty() {
-        println!("\n{overload_note}");
-    }
-    println!(
-        "\ncrypto floor (c), both cores at once: {floor5:.0} µs CPU per request with N=5 ({rate5:.0} req/s), {floor1:.0} µs with N=1 ({rate1:.0} req/s); on one core alone {one5:.0} µs and {one1:.0} µs"
-    );
 }
 
 /// What a flood got back.

@@ -17,8 +17,8 @@ use std::time::Instant;
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::audit::{checkpoint_message, hex, key_id, line_hash, parse_hex, GENESIS};
-use crate::keys::Verifier;
+use crate::ops::audit::{checkpoint_message, hex, key_id, line_hash, parse_hex, GENESIS};
+use crate::protocol::keys::Verifier;
 
 /// How to verify.
 #[derive(Debug, Default)]
@@ -41,8 +41,8 @@ pub struct Summary {
     /// Request records (checkpoints not included).
     pub records: u64,
     pub checkpoints: u64,
-    pub first_ts: Option<String>,
-    pub last_ts: Option<String>,
+    pub(crate) first_ts: Option<String>,
+    pub(crate) last_ts: Option<String>,
     /// Key ids of the keys that signed the checkpoints, in order of first use.
     pub keys: Vec<String>,
     pub pinned: bool,
@@ -102,9 +102,64 @@ struct Chain {
     sealed: bool,
 }
 
+// === impl Chain ===
+
+impl Chain {
+    /// Takes in a line that chains correctly: a checkpoint is checked and counted, a record
+    /// counted. The error says why a checkpoint is bad.
+    fn accept(
+        &mut self,
+        parsed: &Line<'_>,
+        seq: u64,
+        prev: &str,
+        hash: [u8; 32],
+        unsealed_here: &mut u64,
+        opts: &Options,
+    ) -> Result<(), String> {
+        if let Some(cp) = &parsed.checkpoint {
+            check_checkpoint(cp, prev, seq, parsed.ts.as_deref().unwrap_or(""), opts)?;
+            self.summary.checkpoints += 1;
+            if !self.summary.keys.iter().any(|k| k == cp.key_id.as_ref()) {
+                self.summary.keys.push(cp.key_id.clone().into_owned());
+            }
+            self.sealed = true;
+            *unsealed_here = 0;
+        } else {
+            self.summary.records += 1;
+            self.sealed = false;
+            *unsealed_here += 1;
+            if let Some(ts) = &parsed.ts {
+                if self.summary.first_ts.is_none() {
+                    self.summary.first_ts = Some(ts.clone().into_owned());
+                }
+                self.summary.last_ts = Some(ts.clone().into_owned());
+            }
+        }
+        self.head = hash;
+        self.seq = seq;
+        self.fresh = false;
+        Ok(())
+    }
+}
+
 // === impl Failure ===
 
 impl Failure {
+    fn unreadable(file: &Path, error: std::io::Error) -> Failure {
+        Failure::Unreadable {
+            file: file.to_owned(),
+            error,
+        }
+    }
+
+    fn broken(file: &Path, line: u64, why: String) -> Failure {
+        Failure::Broken {
+            file: file.to_owned(),
+            line,
+            why,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Broken { .. } => 1,
@@ -141,12 +196,13 @@ impl fmt::Display for Summary {
         };
         write!(
             f,
-            "intact: {} records in {} file(s), {} to {}, {} checkpoints verified (key {}{})",
+            "intact: {} records in {} file(s), {} to {}, {} checkpoint{} verified (key {}{})",
             self.records,
             self.files,
             self.first_ts.as_deref().unwrap_or("-"),
             self.last_ts.as_deref().unwrap_or("-"),
             self.checkpoints,
+            if self.checkpoints == 1 { "" } else { "s" },
             keys,
             if self.pinned {
                 ", pinned"
@@ -189,19 +245,11 @@ pub fn verify(files: &[PathBuf], opts: &Options) -> Result<Summary, Failure> {
 }
 
 fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Result<(), Failure> {
-    let unreadable = |error| Failure::Unreadable {
-        file: path.to_owned(),
-        error,
-    };
-    let broken = |line: u64, why: String| Failure::Broken {
-        file: path.to_owned(),
-        line,
-        why,
-    };
+    let unreadable = |error| Failure::unreadable(path, error);
+    let broken = |line, why| Failure::broken(path, line, why);
     let file = File::open(path).map_err(unreadable)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::with_capacity(4096);
-    let mut next = Vec::new();
     let mut lineno = 0u64;
     let mut unsealed_here = 0u64;
     loop {
@@ -229,96 +277,23 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
                 .ok_or_else(|| broken(lineno, "edited: `prev` is not a SHA-256".into()))?;
             chain.seq = seq.saturating_sub(1);
         } else if prev != expected {
-            // Peek at the next line of this file to tell the kinds of damage apart.
-            next.clear();
-            let have_next = reader.read_until(b'\n', &mut next).map_err(unreadable)? > 0;
-            let following = if have_next {
-                let l = next.strip_suffix(b"\n").unwrap_or(&next);
-                serde_json::from_slice::<Line<'_>>(l)
-                    .ok()
-                    .map(|p| (p.seq, p.prev.map(|x| x.into_owned())))
-            } else {
-                None
+            let mismatch = Mismatch {
+                lineno,
+                seq,
+                prev,
+                hash,
+                parsed: &parsed,
             };
-            let (next_seq, next_prev) = following.unwrap_or((None, None));
-            // And at the line after it: does the chain carry on normally from the next line?
-            let next_hash = hex(&line_hash(next.strip_suffix(b"\n").unwrap_or(&next)));
-            let mut after = Vec::new();
-            let carries_on = have_next
-                && reader.read_until(b'\n', &mut after).map_err(unreadable)? > 0
-                && serde_json::from_slice::<Line<'_>>(after.strip_suffix(b"\n").unwrap_or(&after))
-                    .ok()
-                    .and_then(|p| p.prev.map(|x| x == next_hash))
-                    .unwrap_or(false);
-            let intact_here = next_prev.as_deref() == Some(hex(&hash).as_str())
-                || parsed.checkpoint.as_ref().is_some_and(|cp| {
-                    check_checkpoint(cp, prev, seq, parsed.ts.as_deref().unwrap_or(""), opts)
-                        .is_ok()
-                });
-            let successor_next =
-                next_prev.as_deref() == Some(expected.as_str()) && next_seq == Some(chain.seq + 1);
-            let why = if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
-                "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
-            } else if successor_next && seq > chain.seq + 1 && !carries_on {
-                format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
-            } else if successor_next {
-                "inserted: this line is not part of the chain (the next line chains to the one before it)".into()
-            } else if chain.fresh {
-                if seq > 1 {
-                    format!("deleted: the chain starts at seq {seq} with a non-zero `prev`: earlier records are missing (give the older rotated files first, or --mid-chain if retention removed them)")
-                } else {
-                    "edited: the first record's `prev` is not 64 zeros".into()
-                }
-            } else if seq <= chain.seq || next_seq.is_some_and(|n| n < seq) {
-                format!("reordered: seq {seq} after seq {}", chain.seq)
-            } else if seq == chain.seq + 1 {
-                if intact_here {
-                    // This line is authentic (the next one chains to it, or it is a valid
-                    // checkpoint): the one before it was changed.
-                    return Err(broken(
-                        lineno - 1,
-                        "edited: this line's hash is not the `prev` the next record holds".into(),
-                    ));
-                }
-                "edited: `prev` does not match the line before it".into()
-            } else {
-                format!(
-                    "deleted: {} record(s) missing before this line (seq {} to {})",
-                    seq - chain.seq - 1,
-                    chain.seq + 1,
-                    seq - 1
-                )
-            };
-            return Err(broken(lineno, why));
+            return Err(diagnose(&mut reader, path, chain, &mismatch, opts)?);
         } else if seq != chain.seq + 1 {
             return Err(broken(
                 lineno,
                 format!("edited: seq {seq} where {} was due", chain.seq + 1),
             ));
         }
-        if let Some(cp) = &parsed.checkpoint {
-            check_checkpoint(cp, prev, seq, parsed.ts.as_deref().unwrap_or(""), opts)
-                .map_err(|why| broken(lineno, format!("bad checkpoint: {why}")))?;
-            chain.summary.checkpoints += 1;
-            if !chain.summary.keys.iter().any(|k| k == cp.key_id.as_ref()) {
-                chain.summary.keys.push(cp.key_id.clone().into_owned());
-            }
-            chain.sealed = true;
-            unsealed_here = 0;
-        } else {
-            chain.summary.records += 1;
-            chain.sealed = false;
-            unsealed_here += 1;
-            if let Some(ts) = parsed.ts {
-                if chain.summary.first_ts.is_none() {
-                    chain.summary.first_ts = Some(ts.clone().into_owned());
-                }
-                chain.summary.last_ts = Some(ts.into_owned());
-            }
-        }
-        chain.head = hash;
-        chain.seq = seq;
-        chain.fresh = false;
+        chain
+            .accept(&parsed, seq, prev, hash, &mut unsealed_here, opts)
+            .map_err(|why| broken(lineno, format!("bad checkpoint: {why}")))?;
     }
     if lineno > 0 && !chain.sealed {
         if last && opts.live {
@@ -331,6 +306,98 @@ fn verify_file(path: &Path, chain: &mut Chain, opts: &Options, last: bool) -> Re
         }
     }
     Ok(())
+}
+
+/// A line whose `prev` is not the chain's head, as read.
+struct Mismatch<'a> {
+    lineno: u64,
+    seq: u64,
+    prev: &'a str,
+    /// The line's own hash.
+    hash: [u8; 32],
+    parsed: &'a Line<'a>,
+}
+
+/// Names the damage at a [`Mismatch`], reading ahead in `reader` to tell its kinds apart: `Ok`
+/// is the finding, `Err` that the file could not be read further.
+fn diagnose(
+    reader: &mut impl BufRead,
+    path: &Path,
+    chain: &Chain,
+    m: &Mismatch<'_>,
+    opts: &Options,
+) -> Result<Failure, Failure> {
+    let unreadable = |error| Failure::unreadable(path, error);
+    let broken = |line, why| Failure::broken(path, line, why);
+    let Mismatch {
+        lineno,
+        seq,
+        prev,
+        hash,
+        parsed,
+    } = *m;
+    let expected = hex(&chain.head);
+    // Peek at the next line of this file to tell the kinds of damage apart.
+    let mut next = Vec::new();
+    let have_next = reader.read_until(b'\n', &mut next).map_err(unreadable)? > 0;
+    let following = if have_next {
+        let l = next.strip_suffix(b"\n").unwrap_or(&next);
+        serde_json::from_slice::<Line<'_>>(l)
+            .ok()
+            .map(|p| (p.seq, p.prev.map(|x| x.into_owned())))
+    } else {
+        None
+    };
+    let (next_seq, next_prev) = following.unwrap_or((None, None));
+    // And at the line after it: does the chain carry on normally from the next line?
+    let next_hash = hex(&line_hash(next.strip_suffix(b"\n").unwrap_or(&next)));
+    let mut after = Vec::new();
+    let carries_on = have_next
+        && reader.read_until(b'\n', &mut after).map_err(unreadable)? > 0
+        && serde_json::from_slice::<Line<'_>>(after.strip_suffix(b"\n").unwrap_or(&after))
+            .ok()
+            .and_then(|p| p.prev.map(|x| x == next_hash))
+            .unwrap_or(false);
+    let intact_here = next_prev.as_deref() == Some(hex(&hash).as_str())
+        || parsed.checkpoint.as_ref().is_some_and(|cp| {
+            check_checkpoint(cp, prev, seq, parsed.ts.as_deref().unwrap_or(""), opts).is_ok()
+        });
+    let successor_next =
+        next_prev.as_deref() == Some(expected.as_str()) && next_seq == Some(chain.seq + 1);
+    let why = if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
+        "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
+    } else if successor_next && seq > chain.seq + 1 && !carries_on {
+        format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
+    } else if successor_next {
+        "inserted: this line is not part of the chain (the next line chains to the one before it)"
+            .into()
+    } else if chain.fresh {
+        if seq > 1 {
+            format!("deleted: the chain starts at seq {seq} with a non-zero `prev`: earlier records are missing (give the older rotated files first, or --mid-chain if retention removed them)")
+        } else {
+            "edited: the first record's `prev` is not 64 zeros".into()
+        }
+    } else if seq <= chain.seq || next_seq.is_some_and(|n| n < seq) {
+        format!("reordered: seq {seq} after seq {}", chain.seq)
+    } else if seq == chain.seq + 1 {
+        if intact_here {
+            // This line is authentic (the next one chains to it, or it is a valid
+            // checkpoint): the one before it was changed.
+            return Ok(broken(
+                lineno - 1,
+                "edited: this line's hash is not the `prev` the next record holds".into(),
+            ));
+        }
+        "edited: `prev` does not match the line before it".into()
+    } else {
+        format!(
+            "deleted: {} record(s) missing before this line (seq {} to {})",
+            seq - chain.seq - 1,
+            chain.seq + 1,
+            seq - 1
+        )
+    };
+    Ok(broken(lineno, why))
 }
 
 /// Checks a checkpoint's key and signature over the head it seals.
@@ -366,6 +433,30 @@ fn check_checkpoint(
             } else {
                 Err("signature does not verify".into())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_checkpoint_is_singular() {
+        let summary = |checkpoints| {
+            Summary {
+                checkpoints,
+                ..Summary::default()
+            }
+            .to_string()
+        };
+        assert!(
+            summary(1).contains(", 1 checkpoint verified ("),
+            "{}",
+            summary(1)
+        );
+        for n in [0, 2, 8] {
+            assert!(summary(n).contains(&format!(", {n} checkpoints verified (")));
         }
     }
 }

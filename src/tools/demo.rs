@@ -5,17 +5,19 @@
 //! gateway with embedded rules on, plays a TSS Node sending every sample task type plus an
 //! embedded-rule rejection and a forged token, and prints what happened to each request.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::keys::{self, Signer, Verifier};
-use crate::metrics::Metrics;
+use super::sample_server::{self, Policy, SampleServer};
+use crate::generation::Generation;
+use crate::ops::metrics::Metrics;
+use crate::outbound::client;
+use crate::protocol::keys::{self, Signer, Verifier};
 use crate::protocol::{self, CallbackResponse, RequestType};
-use crate::runtime::Runtime;
-use crate::sample_server::{self, Policy, SampleServer};
 use crate::Shared;
 
 /// The destination the whitelist server accepts; the KeySign sample pays elsewhere.
@@ -53,65 +55,18 @@ pub async fn run() -> Result<(), DemoError> {
     }
     let key = |name: &str, kind: &str| keys_dir.join(format!("{name}-{kind}"));
     let gateway_pub = Verifier::load(&key("gateway", "pub.key")).map_err(setup("gateway key"))?;
-
-    let mut addrs = Vec::new();
-    for (i, name) in SERVERS.iter().enumerate() {
-        let server = SampleServer {
-            name: (*name).to_owned(),
-            signer: Signer::load(&key(name, "pri.pem")).map_err(setup("server key"))?,
-            gateway: gateway_pub.clone(),
-            policy: if *name == "whitelist" {
-                Policy::Whitelist(vec![WHITELISTED.to_owned()])
-            } else {
-                Policy::ApproveAll
-            },
-            delay: Duration::from_millis(if *name == "slow" { 200 } else { 0 }),
-            raw_body: i == 1,
-            presigned: None,
-        };
-        addrs.push(
-            sample_server::start(server)
-                .await
-                .map_err(setup("sample server"))?,
-        );
-    }
+    let addrs = start_servers(&keys_dir, &gateway_pub).await?;
 
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(setup("listen"))?;
     let gateway_addr = listener.local_addr().map_err(setup("listen"))?;
     let config_path = dir.path().join("gateway.yaml");
-    let servers: String = SERVERS
-        .iter()
-        .zip(&addrs)
-        .map(|(name, addr)| {
-            format!(
-                "  - name: {name}\n    service_address: http://{addr}/v2/check\n    pubkey_path: keys/{name}-pub.key\n    timeout_ms: 2000\n"
-            )
-        })
-        .collect();
-    let config = format!(
-        "listen: {gateway_addr}\n\
-         service_name: tss-callback-gateway-demo\n\
-         tss_node_public_key: keys/tss-node-pub.key\n\
-         gateway_private_key: keys/gateway-pri.pem\n\
-         deadline_ms: 3000\n\
-         health_check_interval_ms: 0\n\
-         audit_log: audit/decisions.jsonl\n\
-         embedded_risk_control_rules:\n  \
-           enable: true\n  \
-           key_gen:\n    reject_all: false\n    allow_list:\n      - threshold: 2\n        node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
-           key_sign: {{ reject_all: false }}\n  \
-           key_reshare:\n    reject_all: false\n    allow_list:\n      - xpubkey: {xpub}\n        new_threshold: 2\n        new_node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
-           key_share_sign: {{ reject_all: false }}\n\
-         callback_servers:\n{servers}",
-        xpub = sample_field(RequestType::KeyReshare, "root_pub_key"),
-    );
-    std::fs::write(&config_path, config).map_err(setup("config"))?;
-    let rt = Runtime::load(&config_path, 1).map_err(setup("config"))?;
-    let audit_path = rt.config.audit_log.clone();
-    let shared = Shared::new(rt, Metrics::new()).map_err(setup("audit log"))?;
-    tokio::spawn(crate::serve::serve(
+    std::fs::write(&config_path, gateway_config(gateway_addr, &addrs)).map_err(setup("config"))?;
+    let g = Generation::load(&config_path, 1).map_err(setup("config"))?;
+    let audit_path = g.config.audit_log.clone();
+    let shared = Shared::new(g, Metrics::new()).map_err(setup("audit log"))?;
+    tokio::spawn(crate::inbound::listener::serve(
         listener,
         shared.clone(),
         std::future::pending(),
@@ -132,8 +87,101 @@ pub async fn run() -> Result<(), DemoError> {
     let intruder = Signer::load(&key("intruder", "pri.pem")).map_err(setup("intruder key"))?;
     let url = reqwest::Url::parse(&format!("http://{gateway_addr}/v2/check"))
         .map_err(setup("gateway url"))?;
-    let http = crate::client::http_client(Duration::from_secs(5));
+    let node = Node {
+        http: client::http_client(Duration::from_secs(5)),
+        url,
+        node,
+        intruder,
+        gateway_pub: gateway_pub.clone(),
+    };
+    send_cases(&node, audit_path.as_deref()).await;
+    if let Some(p) = &audit_path {
+        close_and_verify(&shared, p, &gateway_pub)?;
+    }
+    println!(
+        "metrics: {} series exposed at /metrics",
+        shared
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("tss_gateway_"))
+            .count()
+    );
+    Ok(())
+}
 
+/// The simulated TSS Node: its key, a key the gateway does not know, and where it calls.
+struct Node {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    node: Signer,
+    intruder: Signer,
+    gateway_pub: Verifier,
+}
+
+/// Starts the sample downstream servers of [`SERVERS`]; returns their addresses.
+async fn start_servers(
+    keys_dir: &Path,
+    gateway_pub: &Verifier,
+) -> Result<Vec<SocketAddr>, DemoError> {
+    let mut addrs = Vec::new();
+    for (i, name) in SERVERS.iter().enumerate() {
+        let private = keys_dir.join(format!("{name}-pri.pem"));
+        let server = SampleServer {
+            name: (*name).to_owned(),
+            signer: Signer::load(&private).map_err(setup("server key"))?,
+            gateway: gateway_pub.clone(),
+            policy: if *name == "whitelist" {
+                Policy::Whitelist(vec![WHITELISTED.to_owned()])
+            } else {
+                Policy::ApproveAll
+            },
+            delay: Duration::from_millis(if *name == "slow" { 200 } else { 0 }),
+            raw_body: i == 1,
+            presigned: None,
+        };
+        addrs.push(
+            sample_server::start(server)
+                .await
+                .map_err(setup("sample server"))?,
+        );
+    }
+    Ok(addrs)
+}
+
+/// The demo gateway's YAML: embedded rules on, the sample servers as its downstreams.
+fn gateway_config(gateway_addr: SocketAddr, addrs: &[SocketAddr]) -> String {
+    let servers: String = SERVERS
+        .iter()
+        .zip(addrs)
+        .map(|(name, addr)| {
+            format!(
+                "  - name: {name}\n    service_address: http://{addr}/v2/check\n    pubkey_path: keys/{name}-pub.key\n    timeout_ms: 2000\n"
+            )
+        })
+        .collect();
+    format!(
+        "listen: {gateway_addr}\n\
+         service_name: tss-callback-gateway-demo\n\
+         tss_node_public_key: keys/tss-node-pub.key\n\
+         gateway_private_key: keys/gateway-pri.pem\n\
+         deadline_ms: 3000\n\
+         health_check_interval_ms: 0\n\
+         audit_log: audit/decisions.jsonl\n\
+         embedded_risk_control_rules:\n  \
+           enable: true\n  \
+           key_gen:\n    reject_all: false\n    allow_list:\n      - threshold: 2\n        node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
+           key_sign: {{ reject_all: false }}\n  \
+           key_reshare:\n    reject_all: false\n    allow_list:\n      - xpubkey: {xpub}\n        new_threshold: 2\n        new_node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
+           key_share_sign: {{ reject_all: false }}\n\
+         callback_servers:\n{servers}",
+        xpub = sample_field(RequestType::KeyReshare, "root_pub_key"),
+    )
+}
+
+/// Sends every case as the TSS Node and prints one row each: what each server said (from the
+/// audit log) and the gateway's verified answer.
+async fn send_cases(node: &Node, audit_path: Option<&Path>) {
     let header = format!(
         "{:<22} {:<26} {:<15} {:<15} {:<15} {:>8}  decision",
         "type", "request_id", SERVERS[0], SERVERS[1], SERVERS[2], "total ms"
@@ -141,21 +189,24 @@ pub async fn run() -> Result<(), DemoError> {
     println!("{header}");
     println!("{}", "-".repeat(header.len() + 30));
     for case in cases() {
-        let signer = if case.forged { &intruder } else { &node };
+        let signer = if case.forged {
+            &node.intruder
+        } else {
+            &node.node
+        };
         let token = protocol::sign_token(signer, &case.payload, "tss-node-demo", 120);
         let request_id = protocol::CallbackRequest::parse(&case.payload)
             .map(|r| r.request_id)
             .unwrap_or_default();
         let started = Instant::now();
-        let answer = match crate::client::post_token(&http, &url, &token).await {
+        let answer = match client::post_token(&node.http, &node.url, &token).await {
             Ok(raw) => {
-                crate::client::read_answer(&raw, &gateway_pub, None).map_err(|e| e.to_string())
+                client::read_answer(&raw, &node.gateway_pub, None).map_err(|e| e.to_string())
             }
             Err(e) => Err(e.to_string()),
         };
         let total = started.elapsed();
         let verdicts = audit_path
-            .as_deref()
             .map(|p| audit_verdicts(p, &request_id))
             .unwrap_or_default();
         let cell = |server: &str| {
@@ -175,35 +226,25 @@ pub async fn run() -> Result<(), DemoError> {
             describe(&answer)
         );
     }
-    if let Some(p) = &audit_path {
-        let lines = std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
-        println!(
-            "\naudit log: {lines} lines appended (one per answer, written before it was sent)"
-        );
-        // Close the log with a signed checkpoint, as a shutdown does, and check the chain.
-        if let Some(audit) = shared.audit.load_full() {
-            audit
-                .close(&shared.runtime.load().signer)
-                .map_err(setup("audit log checkpoint"))?;
-        }
-        let opts = crate::verify::Options {
-            pinned: Some(gateway_pub.clone()),
-            ..Default::default()
-        };
-        match crate::verify::verify(std::slice::from_ref(p), &opts) {
-            Ok(summary) => println!("audit verify: {summary}"),
-            Err(failure) => return Err(DemoError::Setup(format!("audit verify: {failure}"))),
-        }
+}
+
+/// Closes the audit log with a signed checkpoint, as a shutdown does, and checks the chain.
+fn close_and_verify(shared: &Shared, path: &Path, gateway_pub: &Verifier) -> Result<(), DemoError> {
+    let lines = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+    println!("\naudit log: {lines} lines appended (one per answer, written before it was sent)");
+    if let Some(audit) = shared.audit.load_full() {
+        audit
+            .close(&shared.current.load().signer)
+            .map_err(setup("audit log checkpoint"))?;
     }
-    println!(
-        "metrics: {} series exposed at /metrics",
-        shared
-            .metrics
-            .render()
-            .lines()
-            .filter(|l| l.starts_with("tss_gateway_"))
-            .count()
-    );
+    let opts = super::verify::Options {
+        pinned: Some(gateway_pub.clone()),
+        ..Default::default()
+    };
+    match super::verify::verify(std::slice::from_ref(&path.to_owned()), &opts) {
+        Ok(summary) => println!("audit verify: {summary}"),
+        Err(failure) => return Err(DemoError::Setup(format!("audit verify: {failure}"))),
+    }
     Ok(())
 }
 
@@ -218,7 +259,7 @@ fn describe(answer: &Result<CallbackResponse, String>) -> String {
 /// `field` of the sample's `request_detail`.
 fn sample_field(kind: RequestType, field: &str) -> String {
     let req: serde_json::Value =
-        serde_json::from_str(crate::probe::sample(kind)).unwrap_or_default();
+        serde_json::from_str(super::probe::sample(kind)).unwrap_or_default();
     let detail: serde_json::Value =
         serde_json::from_str(req["request_detail"].as_str().unwrap_or("{}")).unwrap_or_default();
     detail[field].as_str().unwrap_or_default().to_owned()
@@ -232,7 +273,7 @@ fn variant(
     edit: impl FnOnce(&mut serde_json::Value),
 ) -> Vec<u8> {
     let mut req: serde_json::Value =
-        serde_json::from_str(crate::probe::sample(kind)).unwrap_or_default();
+        serde_json::from_str(super::probe::sample(kind)).unwrap_or_default();
     let mut inner: serde_json::Value =
         serde_json::from_str(req[field].as_str().unwrap_or("{}")).unwrap_or_default();
     edit(&mut inner);
@@ -242,7 +283,7 @@ fn variant(
 }
 
 fn cases() -> Vec<Case> {
-    let sample = |kind| crate::probe::sample(kind).as_bytes().to_vec();
+    let sample = |kind| super::probe::sample(kind).as_bytes().to_vec();
     let case = |label, payload| Case {
         label,
         payload,
@@ -279,7 +320,7 @@ fn cases() -> Vec<Case> {
         ),
         Case {
             label: "key_sign (forged)",
-            payload: crate::probe::sample_with_id(RequestType::KeySign, "demo-forged"),
+            payload: super::probe::sample_with_id(RequestType::KeySign, "demo-forged"),
             forged: true,
         },
     ]

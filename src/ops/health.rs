@@ -12,20 +12,21 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::fanout::{self, Outcome};
-use crate::protocol::{self, RequestType};
-use crate::runtime::Runtime;
+use crate::generation::{Audience, Generation};
+use crate::outbound::{call::call, client, Outbound};
+use crate::protocol::RequestType;
+use crate::verdict::Outcome;
 use crate::Shared;
 
 /// The last health check of one server.
 #[derive(Debug, Clone, Serialize)]
-pub struct HealthState {
-    pub up: bool,
-    pub outcome: &'static str,
-    pub latency_ms: u64,
-    pub error: String,
+pub(crate) struct HealthState {
+    up: bool,
+    outcome: &'static str,
+    latency_ms: u64,
+    error: String,
     /// RFC 3339 time of the check.
-    pub checked_at: String,
+    checked_at: String,
 }
 
 /// Last health state per server name.
@@ -39,9 +40,9 @@ pub struct Health {
 
 impl Health {
     /// Each configured server with its last health, for `/readyz`.
-    pub fn report(&self, rt: &Runtime) -> Vec<serde_json::Value> {
+    pub(crate) fn report(&self, g: &Generation) -> Vec<serde_json::Value> {
         let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        rt.downstreams
+        g.downstreams
             .iter()
             .map(|d| {
                 serde_json::json!({
@@ -56,9 +57,8 @@ impl Health {
 
     /// Pings every server of the current generation once, concurrently.
     pub async fn check_all(&self, shared: &Shared) {
-        let rt = shared.runtime.load_full();
-        let expire = rt.config.token_expire_minutes as i64 * 60;
-        let checks = rt.downstreams.iter().map(|ds| {
+        let g = shared.current.load_full();
+        let checks = g.downstreams.iter().map(|ds| {
             let n = self.seq.fetch_add(1, Ordering::Relaxed);
             let request_id = format!("health-{}-{n}", std::process::id());
             let payload = serde_json::json!({
@@ -68,22 +68,23 @@ impl Health {
                 "extra_info": "",
             })
             .to_string();
-            let form = crate::client::form_body(&protocol::sign_token(
-                rt.request_signer(),
-                payload.as_bytes(),
-                &rt.config.service_name,
-                expire,
-            ));
+            let g = &g;
             async move {
-                let deadline = Instant::now() + ds.timeout;
-                let v = fanout::call(ds, &shared.metrics, &form, &request_id, true, deadline).await;
-                (ds.name.clone(), v)
+                let token = g.sign(Audience::Downstreams, payload.into_bytes()).await;
+                let out = Outbound {
+                    form: client::form_body(&token),
+                    request_id: request_id.into(),
+                    kind: Some(RequestType::Ping),
+                    // The server's own timeout, from when its Ping is ready to go.
+                    deadline: Instant::now() + ds.timeout,
+                };
+                (ds.name.clone(), call(ds, &shared.metrics, &out).await)
             }
         });
         let results = futures::future::join_all(checks).await;
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         // Servers removed by a reload disappear from the report and the gauge.
-        states.retain(|name, _| rt.downstreams.iter().any(|d| &d.name == name));
+        states.retain(|name, _| g.downstreams.iter().any(|d| &d.name == name));
         for (name, v) in results {
             let up = v.outcome == Outcome::Approved;
             shared
@@ -105,7 +106,7 @@ impl Health {
     }
 
     /// Forgets the gauge of servers no longer configured.
-    pub fn prune_gauges(&self, shared: &Shared, removed: &[Arc<str>]) {
+    pub(crate) fn prune_gauges(&self, shared: &Shared, removed: &[Arc<str>]) {
         for name in removed {
             let _ = shared.metrics.downstream_up.remove_label_values(&[name]);
         }
@@ -116,7 +117,7 @@ impl Health {
 /// that changes it (or turns it off with 0) takes effect at the next round.
 pub async fn run(shared: Arc<Shared>) {
     loop {
-        let interval = shared.runtime.load().config.health_check_interval_ms;
+        let interval = shared.current.load().config.health_check_interval_ms;
         if interval == 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;

@@ -1,0 +1,409 @@
+//! One config generation: a configuration with everything it names loaded (keys parsed, downstream
+//! clients built), and the signing of tokens with its keys. A request uses the generation it
+//! started with from start to end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, Mode, ServerConfig};
+use crate::protocol::keys::{self, Signer, Verifier};
+use crate::protocol::{self, RequestType};
+
+/// One downstream callback server, ready to call.
+#[derive(Debug)]
+pub struct Downstream {
+    pub(crate) name: Arc<str>,
+    pub(crate) url: reqwest::Url,
+    pub(crate) verifier: Verifier,
+    pub timeout: Duration,
+    pub(crate) retries: u32,
+    pub(crate) mode: Mode,
+    pub(crate) config: ServerConfig,
+    pub(crate) client: reqwest::Client,
+    /// `max_concurrent` call slots; `None` = no limit.
+    pub(crate) slots: Option<Arc<crate::inbound::admission::Slots>>,
+}
+
+/// Whom a token is for, which decides the key that signs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Audience {
+    /// An answer to the TSS Node: `gateway_private_key`.
+    Node,
+    /// A request to the downstreams: `downstream_signing_key`, else `gateway_private_key`.
+    Downstreams,
+}
+
+// === impl Downstream ===
+
+impl Downstream {
+    /// Builds the server of `s`, keeping the previous generation's HTTP client and call slots
+    /// where they still fit. An error names the field of `s` at fault.
+    fn new(
+        s: &ServerConfig,
+        verifier: Verifier,
+        previous: Option<&Generation>,
+        sources: &mut Sources,
+    ) -> Result<Downstream, (String, String)> {
+        let timeout = Duration::from_millis(s.timeout_ms);
+        let before = || previous.into_iter().flat_map(|p| p.downstreams.iter());
+        // TLS files are read by the TLS loader; their digest is taken just before.
+        for p in [&s.ca_file, &s.client_cert, &s.client_key]
+            .into_iter()
+            .flatten()
+        {
+            let _ = sources.read(p);
+        }
+        let client = match before().find(|d| same_connection(&d.config, s)) {
+            Some(d) => d.client.clone(),
+            None => crate::outbound::tls::downstream_client(s, timeout)
+                .map_err(|e| (e.field.to_owned(), e.message))?,
+        };
+        // The same server with the same limit keeps its slots, so calls still running on the
+        // previous generation count against the limit too.
+        let slots = before()
+            .find(|d| {
+                d.config.name == s.name
+                    && d.config.service_address == s.service_address
+                    && d.config.max_concurrent == s.max_concurrent
+            })
+            .map_or_else(
+                || crate::inbound::admission::Slots::new(s.max_concurrent),
+                |d| d.slots.clone(),
+            );
+        Ok(Downstream {
+            slots,
+            name: s.name.as_str().into(),
+            // Validated in Config::parse.
+            url: reqwest::Url::parse(&s.service_address)
+                .map_err(|e| ("service_address".to_owned(), e.to_string()))?,
+            verifier,
+            timeout,
+            retries: s.retries,
+            mode: s.mode,
+            config: s.clone(),
+            client,
+        })
+    }
+}
+
+/// What an operator should hear about `config` at load: types approved with nothing checking
+/// them, private key files readable by others.
+fn warnings(config: &Config) -> Vec<String> {
+    let mut warnings: Vec<String> = config
+        .unchecked_types()
+        .into_iter()
+        .map(|t| {
+            format!(
+                "{} requests would be approved with nothing checking them: embedded_risk_control_rules has no rule for {} and no enforcing server subscribes to it",
+                t.name(),
+                t.name()
+            )
+        })
+        .collect();
+    let private_keys = [
+        (
+            "gateway_private_key".to_owned(),
+            Some(&config.gateway_private_key),
+        ),
+        (
+            "downstream_signing_key".to_owned(),
+            config.downstream_signing_key.as_ref(),
+        ),
+        ("tls.key".to_owned(), config.tls.as_ref().map(|t| &t.key)),
+    ]
+    .into_iter()
+    .chain(config.callback_servers.iter().enumerate().map(|(i, s)| {
+        (
+            format!("callback_servers[{i}].client_key"),
+            s.client_key.as_ref(),
+        )
+    }));
+    for (field, path) in private_keys {
+        warnings.extend(path.and_then(|p| exposed_key(&field, p)));
+    }
+    warnings
+}
+
+/// The files one generation was loaded from, each with the SHA-256 of the bytes actually read
+/// (`None`: unreadable). Comparing it with the disk tells a reload whether a write landed while
+/// it was loading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Sources(BTreeMap<PathBuf, Option<[u8; 32]>>);
+
+// === impl Sources ===
+
+impl Sources {
+    /// Reads a file and records the digest of what was read.
+    fn read(&mut self, path: &Path) -> Result<Vec<u8>, keys::KeyError> {
+        let bytes = keys::read(path)?;
+        self.record(path, &bytes);
+        Ok(bytes)
+    }
+
+    /// The private key at `path`, read and parsed.
+    fn signer(&mut self, path: &Path) -> Result<Signer, keys::KeyError> {
+        self.read(path)
+            .and_then(|bytes| Signer::from_pem(path, &bytes))
+    }
+
+    /// The public key(s) at `path`, read and parsed.
+    fn verifier(&mut self, path: &Path) -> Result<Verifier, keys::KeyError> {
+        self.read(path)
+            .and_then(|bytes| Verifier::from_pem(path, &bytes))
+    }
+
+    fn record(&mut self, path: &Path, bytes: &[u8]) {
+        self.0
+            .insert(path.to_owned(), Some(crate::inbound::dedup::digest(bytes)));
+    }
+
+    /// The same files as they are on disk now.
+    pub(crate) fn on_disk<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Sources {
+        Sources(
+            paths
+                .into_iter()
+                .map(|p| {
+                    let digest = std::fs::read(p)
+                        .ok()
+                        .map(|b| crate::inbound::dedup::digest(&b));
+                    (p.clone(), digest)
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.0.keys()
+    }
+
+    /// The recorded digest of `path`, if it is one of these files.
+    pub fn get(&self, path: &Path) -> Option<Option<[u8; 32]>> {
+        self.0.get(path).copied()
+    }
+}
+
+impl FromIterator<(PathBuf, Option<[u8; 32]>)> for Sources {
+    fn from_iter<I: IntoIterator<Item = (PathBuf, Option<[u8; 32]>)>>(files: I) -> Sources {
+        Sources(files.into_iter().collect())
+    }
+}
+
+/// A loaded configuration generation.
+#[derive(Debug)]
+pub struct Generation {
+    pub(crate) path: PathBuf,
+    pub config: Config,
+    /// 1 at start, one more at each reload.
+    pub number: u64,
+    /// Signs the answers to the TSS Node (`gateway_private_key`).
+    pub signer: Signer,
+    /// Signs the requests to the downstreams (`downstream_signing_key`), when it is set.
+    downstream_signer: Option<Signer>,
+    pub(crate) node_verifier: Verifier,
+    pub downstreams: Vec<Arc<Downstream>>,
+    /// Set when the config has `tls:`; each new connection uses the current generation's.
+    pub(crate) tls: Option<crate::inbound::tls::Acceptor>,
+    /// What this generation was loaded from.
+    pub(crate) sources: Sources,
+    /// What an operator should hear about at load (check-config, start-up, reload): types
+    /// approved with nothing checking them, private keys readable by others.
+    pub warnings: Vec<String>,
+}
+
+/// A warning when the private key file at `path` is readable by its group or by others.
+fn exposed_key(field: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{field}: private key file {} is readable by group or others (mode {:04o}); chmod 0600 it",
+            path.display(),
+            mode & 0o7777
+        )
+    })
+}
+
+/// Whether a client built for `a` serves `b` as well. Servers with TLS files never qualify: the
+/// files may have changed on disk under the same names.
+fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
+    let no_tls_files =
+        |s: &ServerConfig| s.ca_file.is_none() && s.client_cert.is_none() && s.client_key.is_none();
+    a.service_address == b.service_address
+        && a.timeout_ms == b.timeout_ms
+        && a.http2 == b.http2
+        && no_tls_files(a)
+        && no_tls_files(b)
+}
+
+// === impl Generation ===
+
+impl Generation {
+    /// Reads, validates and loads every key of the config at `path`.
+    pub fn load(path: &Path, number: u64) -> Result<Generation, ConfigError> {
+        let (config, text) = Config::load_text(path)?;
+        let mut g = Generation::from_config(path, config, number, None)?;
+        g.sources.record(path, text.as_bytes());
+        Ok(g)
+    }
+
+    /// Loads the next generation. Servers whose connection settings did not change keep their
+    /// HTTP client, so their warm keep-alive connections survive the reload.
+    pub fn reload(path: &Path, previous: &Generation) -> Result<Generation, ConfigError> {
+        let (config, text) = Config::load_text(path)?;
+        let mut g = Generation::from_config(path, config, previous.number + 1, Some(previous))?;
+        g.sources.record(path, text.as_bytes());
+        Ok(g)
+    }
+
+    fn from_config(
+        path: &Path,
+        config: Config,
+        number: u64,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, ConfigError> {
+        let key_err = |field: &str| {
+            let (path, field) = (path.to_owned(), field.to_owned());
+            move |source| ConfigError::Key {
+                path,
+                field,
+                source,
+            }
+        };
+        // Each key file is read once, and the bytes parsed are the bytes fingerprinted.
+        let mut sources = Sources::default();
+        let signer = sources
+            .signer(&config.gateway_private_key)
+            .map_err(key_err("gateway_private_key"))?;
+        let downstream_signer = match &config.downstream_signing_key {
+            Some(p) => Some(
+                sources
+                    .signer(p)
+                    .map_err(key_err("downstream_signing_key"))?,
+            ),
+            None => None,
+        };
+        let node_verifier = sources
+            .verifier(&config.tss_node_public_key)
+            .map_err(key_err("tss_node_public_key"))?;
+        let mut downstreams = Vec::with_capacity(config.callback_servers.len());
+        for (i, s) in config.callback_servers.iter().enumerate() {
+            let field = |f: &str| format!("callback_servers[{i}].{f}");
+            let verifier = sources
+                .verifier(&s.pubkey_path)
+                .map_err(key_err(&field("pubkey_path")))?;
+            let ds =
+                Downstream::new(s, verifier, previous, &mut sources).map_err(|(f, message)| {
+                    ConfigError::Field {
+                        path: path.to_owned(),
+                        field: field(&f),
+                        message,
+                    }
+                })?;
+            downstreams.push(Arc::new(ds));
+        }
+        if let Some(t) = &config.tls {
+            for p in [&t.cert, &t.key] {
+                let _ = sources.read(p);
+            }
+        }
+        let tls = match &config.tls {
+            Some(t) => Some(
+                crate::inbound::tls::acceptor(t).map_err(|e| ConfigError::Field {
+                    path: path.to_owned(),
+                    field: e.field.into(),
+                    message: e.message,
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Generation {
+            warnings: warnings(&config),
+            tls,
+            path: path.to_owned(),
+            config,
+            number,
+            signer,
+            downstream_signer,
+            node_verifier,
+            downstreams,
+            sources,
+        })
+    }
+
+    /// Signs `package` into a token for `to`, with this generation's key for it, `service_name`
+    /// and `token_expire_minutes`, on the bounded signing pool. An empty string (which no one
+    /// accepts: fail closed) only if the signing job could not run.
+    pub(crate) async fn sign(&self, to: Audience, package: Vec<u8>) -> String {
+        let signer = match to {
+            Audience::Node => &self.signer,
+            Audience::Downstreams => self.request_signer(),
+        };
+        protocol::sign_token_pooled(
+            signer,
+            package,
+            self.config.service_name.clone(),
+            self.config.token_expire_minutes as i64 * 60,
+        )
+        .await
+    }
+
+    /// The key that signs requests to the downstreams: `downstream_signing_key`, else
+    /// `gateway_private_key`.
+    pub(crate) fn request_signer(&self) -> &Signer {
+        self.downstream_signer.as_ref().unwrap_or(&self.signer)
+    }
+
+    /// The servers a request of type `kind` goes to (`None`: a type no server subscribes to).
+    pub(crate) fn subscribers(
+        &self,
+        kind: Option<RequestType>,
+    ) -> impl Iterator<Item = &Arc<Downstream>> {
+        self.downstreams
+            .iter()
+            .filter(move |d| kind.is_some_and(|k| d.config.subscribes(k)))
+    }
+
+    /// One line per server for `check-config` and start-up logs.
+    pub fn summary(&self) -> String {
+        let c = &self.config;
+        let rules = if c.embedded_risk_control_rules.enable {
+            "on"
+        } else {
+            "off"
+        };
+        let mut out = format!(
+            "config {} OK (generation {})\n  listen {}  service_name {}  deadline {} ms  token_expire {} min  embedded rules {}\n",
+            self.path.display(),
+            self.number,
+            c.listen,
+            c.service_name,
+            c.deadline_ms,
+            c.token_expire_minutes,
+            rules
+        );
+        let request_key = c
+            .downstream_signing_key
+            .as_ref()
+            .unwrap_or(&c.gateway_private_key);
+        out.push_str(&format!(
+            "  answers signed with {}  requests to downstreams signed with {}\n",
+            c.gateway_private_key.display(),
+            request_key.display()
+        ));
+        for d in &self.downstreams {
+            let types: Vec<&str> = d.config.request_types.iter().map(|t| t.name()).collect();
+            out.push_str(&format!(
+                "  server {} [{}] {} timeout {} ms retries {} types {}\n",
+                d.name,
+                d.mode.as_str(),
+                crate::config::redact_address(d.url.as_str()),
+                d.config.timeout_ms,
+                d.retries,
+                types.join(",")
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,159 @@
+//! Reading the request body: at most `max_body_bytes` kept, a larger body refused without
+//! keeping any of it (and drained, within bounds, so the client can read the refusal), and the
+//! `TSS_JWT_MSG` token taken from the form.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap};
+use tokio::time::Instant;
+
+use crate::protocol::FORM_FIELD;
+
+/// A body above `max_body_bytes` is still read and thrown away, up to this many bytes in all,
+/// so that a client that sends the whole body before reading gets its status-10 answer rather
+/// than a connection reset by unread data (a lingering close).
+const LINGER_BYTES: u64 = 64 << 20;
+/// ... and for at most this long (never past the request's deadline).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the body up to `limit` bytes. A larger one is refused from its Content-Length, or as
+/// soon as the limit is crossed, without keeping any of it: the rest is drained (bounded by
+/// [`LINGER_BYTES`], [`LINGER_TIME`] and `deadline`) so the client can read the refusal.
+/// The error is the status-10 answer's text.
+pub(crate) async fn read_body(
+    headers: HeaderMap,
+    mut body: Body,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    let too_large = || format!("request body is larger than max_body_bytes ({limit})");
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        // A client waiting for `100 Continue` has sent nothing and is told no without it.
+        let expects_continue = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects_continue && n <= LINGER_BYTES {
+            linger(body, 0, deadline).await;
+        }
+        return Err(too_large());
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("request body could not be read: {e}"))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > limit {
+            drop(chunks);
+            linger(body, read as u64, deadline).await;
+            return Err(too_large());
+        }
+        chunks.push(data);
+    }
+    // Most bodies arrive in one chunk, which is then kept without a copy.
+    Ok(match chunks.as_slice() {
+        [one] => one.clone(),
+        many => many.concat().into(),
+    })
+}
+
+/// Reads and discards what is left of `body` (a lingering close), until it ends, `read` reaches
+/// [`LINGER_BYTES`], [`LINGER_TIME`] passes or `deadline` comes.
+async fn linger(mut body: Body, mut read: u64, deadline: Instant) {
+    use http_body_util::BodyExt;
+    let until = deadline.min(Instant::now() + LINGER_TIME);
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(until, drain).await;
+}
+
+/// The `TSS_JWT_MSG` field of a form body; exactly one must be there.
+pub(crate) fn form_token(body: &[u8]) -> Result<Cow<'_, str>, String> {
+    // What the node sends: the one field, with nothing in its value to unescape.
+    if let Some(value) = body
+        .strip_prefix(FORM_FIELD.as_bytes())
+        .and_then(|rest| rest.strip_prefix(b"="))
+    {
+        if !value.iter().any(|b| matches!(b, b'&' | b'%' | b'+')) {
+            if let Ok(token) = std::str::from_utf8(value) {
+                return Ok(Cow::Borrowed(token));
+            }
+        }
+    }
+    let mut tokens = form_urlencoded::parse(body).filter(|(k, _)| k == FORM_FIELD);
+    match (tokens.next(), tokens.next()) {
+        (Some((_, t)), None) => Ok(t),
+        (None, _) => Err(format!("form field {FORM_FIELD} missing")),
+        (Some(_), Some(_)) => Err(format!("form field {FORM_FIELD} given more than once")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the general form parser makes of `body`.
+    fn parsed(body: &[u8]) -> Result<String, String> {
+        let mut tokens = form_urlencoded::parse(body).filter(|(k, _)| k == FORM_FIELD);
+        match (tokens.next(), tokens.next()) {
+            (Some((_, t)), None) => Ok(t.into_owned()),
+            (None, _) => Err(format!("form field {FORM_FIELD} missing")),
+            (Some(_), Some(_)) => Err(format!("form field {FORM_FIELD} given more than once")),
+        }
+    }
+
+    #[test]
+    fn form_token_reads_what_the_form_parser_reads() {
+        let cases: &[&[u8]] = &[
+            b"TSS_JWT_MSG=eyJh.eyJw.c2ln",
+            b"TSS_JWT_MSG=",
+            b"TSS_JWT_MSG=a%2Eb",
+            b"TSS_JWT_MSG=a+b",
+            b"TSS_JWT_MSG=a&TSS_JWT_MSG=b",
+            b"TSS_JWT_MSG=a&other=1",
+            b"other=1&TSS_JWT_MSG=a",
+            b"TSS_JWT_MSGX=a",
+            b"TSS_JWT_MSG",
+            b"TSS_JWT_MSG=a=b",
+            b"TSS_JWT_MSG=\xff\xfe",
+            b"",
+        ];
+        for body in cases {
+            assert_eq!(
+                form_token(body).map(Cow::into_owned),
+                parsed(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(matches!(
+            form_token(b"TSS_JWT_MSG=eyJh.eyJw.c2ln"),
+            Ok(Cow::Borrowed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn form_token_matches_the_form_parser(tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut body = b"TSS_JWT_MSG=".to_vec();
+            body.extend_from_slice(&tail);
+            prop_assert_eq!(form_token(&body).map(Cow::into_owned), parsed(&body));
+        }
+    }
+}

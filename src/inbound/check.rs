@@ -1,0 +1,372 @@
+//! The callback handler, thin on purpose: admit, read the body, decide (token, payload, rules,
+//! downstreams, in the order of CONTRACT.md section 6), audit, count, sign the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::time::Instant;
+
+use super::body::{form_token, read_body};
+use super::dedup::{self, Lookup};
+use crate::generation::{Audience, Downstream, Generation};
+use crate::ops::audit::{AuditRecord, SealPolicy, Ticket};
+use crate::ops::metrics::Metrics;
+use crate::outbound::{client, fanout, Outbound};
+use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status};
+use crate::rules::RuleVerdict;
+use crate::verdict::{decide, Decision, Embedded, Evaluation, Verdict};
+use crate::Shared;
+
+/// Everything known about one request once it is decided.
+struct Answer {
+    request_id: String,
+    code: Option<i64>,
+    decision: Decision,
+    embedded: Embedded,
+    verdicts: Vec<Verdict>,
+    /// Answered from an identical twin's evaluation (a TSS Node retry), not by asking again.
+    duplicate: bool,
+    /// The verified CallbackRequest, kept only with `audit_payloads: true`.
+    request: Option<serde_json::Value>,
+}
+
+impl dedup::Footprint for Arc<Evaluation> {
+    fn footprint(&self) -> usize {
+        let details: usize = self.verdicts.iter().map(|v| v.detail.capacity()).sum();
+        std::mem::size_of::<Evaluation>()
+            + self.verdicts.capacity() * std::mem::size_of::<Verdict>()
+            + details
+            + self.decision.error.capacity()
+            + self.embedded.heap_bytes()
+    }
+}
+
+/// Decrements the in-flight gauge however the request ends (including a dropped connection).
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// `POST /v2/check` and `/v1/check`: one callback, answered with a token signed by the gateway.
+pub(crate) async fn check(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    // The whole request runs on the generation it started with, even if a reload lands meanwhile.
+    let g = shared.current.load_full();
+    // Before anything is read or signed: shedding must cost no RSA work. The permit is held
+    // until the answer is made (move it along if the decision ever runs in a task of its own).
+    let Some(_admitted) = shared.admission.try_admit(g.config.max_in_flight) else {
+        return overloaded(&shared);
+    };
+    shared.metrics.in_flight.inc();
+    let _in_flight = InFlight(shared.metrics.in_flight.clone());
+    let ticket = shared.audit_pending.enter();
+    let deadline = started + Duration::from_millis(g.config.deadline_ms);
+
+    // `headers` and the body are given away here, so that the connection's read buffer they
+    // point into is freed as soon as the token is parsed, not when the answer goes out.
+    let read = tokio::time::timeout_at(
+        deadline,
+        read_body(headers, body, g.config.max_body_bytes, deadline),
+    );
+    let mut answer = match read.await {
+        Ok(Ok(bytes)) => decide_request(&shared, &g, bytes, deadline).await,
+        Ok(Err(refusal)) => invalid(Status::InvalidRequest, String::new(), None, refusal),
+        Err(_) => invalid(
+            Status::InvalidRequest,
+            String::new(),
+            None,
+            "request body not received within deadline_ms".into(),
+        ),
+    };
+    let elapsed = started.elapsed();
+    let kind = protocol::type_name(answer.code);
+    audit(&shared, &g, &mut answer, kind, elapsed, ticket);
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[kind, answer.decision.metric_label()])
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .with_label_values(&[kind])
+        .observe(elapsed.as_secs_f64());
+    log_decision(&answer, kind, elapsed);
+
+    let response = CallbackResponse::new(
+        &answer.request_id,
+        answer.decision.status,
+        answer.decision.action,
+        answer.decision.error,
+    );
+    let json = serde_json::to_vec(&response).unwrap_or_default();
+    let token = g.sign(Audience::Node, json).await;
+    // The token is base64url and dots only, so quoting it makes a valid JSON string.
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("\"{token}\""),
+    )
+        .into_response()
+}
+
+/// Writes the answer's audit record, if there is an audit log, before the answer is sent. An
+/// answer that cannot be audited is not given as an approval.
+fn audit(
+    shared: &Shared,
+    g: &Generation,
+    answer: &mut Answer,
+    kind: &'static str,
+    elapsed: Duration,
+    ticket: Ticket,
+) {
+    let Some(audit) = shared.audit.load_full() else {
+        return;
+    };
+    let record = AuditRecord {
+        ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        request_id: &answer.request_id,
+        kind,
+        status: answer.decision.status.code(),
+        action: answer.decision.action.as_str(),
+        error: &answer.decision.error,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        embedded: &answer.embedded,
+        servers: &answer.verdicts,
+        config_generation: g.number,
+        duplicate: answer.duplicate,
+        request: answer.request.as_ref(),
+    };
+    let policy = SealPolicy {
+        every: g.config.audit_checkpoint_every,
+        within: (g.config.audit_checkpoint_ms > 0)
+            .then(|| Duration::from_millis(g.config.audit_checkpoint_ms)),
+    };
+    if let Err(e) = audit.append(&record, &g.signer, policy, ticket) {
+        tracing::error!(path = %audit.path().display(), error = %e, "audit log write failed");
+        if answer.decision.is_approval() {
+            answer.decision =
+                Decision::reject(Status::InternalError, format!("audit log unavailable: {e}"));
+        }
+    }
+}
+
+/// HTTP 503 with `Retry-After`, unsigned and unread: beyond `max_in_flight`, a signature would
+/// cost as much RSA as the work being shed. The TSS Node retries it as a failed call.
+fn overloaded(shared: &Shared) -> Response {
+    shared
+        .metrics
+        .requests
+        .with_label_values(&["unknown", crate::ops::metrics::outcome::OVERLOADED])
+        .inc();
+    tracing::debug!("overloaded: answered 503 beyond max_in_flight");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, "1"),
+            (header::CONTENT_TYPE, "text/plain"),
+        ],
+        "overloaded: max_in_flight requests are being decided; retry later\n",
+    )
+        .into_response()
+}
+
+fn invalid(status: Status, request_id: String, code: Option<i64>, error: String) -> Answer {
+    Answer {
+        request_id,
+        code,
+        decision: Decision::reject(status, error),
+        embedded: Embedded::NotEvaluated,
+        verdicts: Vec::new(),
+        duplicate: false,
+        request: None,
+    }
+}
+
+/// The node's token checked and its payload parsed. Only the payload outlives this: the body,
+/// token and claims are dropped before the (possibly long) wait for the downstreams.
+fn parse_request(g: &Generation, body: Bytes) -> Result<(CallbackRequest, Vec<u8>), Box<Answer>> {
+    let refuse = |status, error: String| Box::new(invalid(status, String::new(), None, error));
+    let token = form_token(&body).map_err(|e| refuse(Status::InvalidToken, e))?;
+    let claims = protocol::verify_token(&token, &g.node_verifier, protocol::now_secs())
+        .map_err(|e| refuse(Status::InvalidToken, e.to_string()))?;
+    let package = protocol::decode_package(&claims.package_data)
+        .map_err(|e| refuse(Status::InvalidRequest, e.to_string()))?;
+    match CallbackRequest::parse(&package) {
+        Ok(request) => Ok((request, package)),
+        Err(e) => {
+            let (id, code) = salvage_ids(&package);
+            Err(Box::new(invalid(
+                Status::InvalidRequest,
+                id,
+                code,
+                e.to_string(),
+            )))
+        }
+    }
+}
+
+/// Token, payload, rules, fan-out: the decision table of CONTRACT.md section 6, in its order.
+async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: Instant) -> Answer {
+    let (request, package) = match parse_request(g, body) {
+        Ok(parsed) => parsed,
+        Err(answer) => return *answer,
+    };
+    let code = request.request_type;
+    let request_id = request.request_id.clone();
+    // Otherwise the payload is dropped as soon as it is forwarded (memory under load).
+    let recorded = if g.config.audit_payloads {
+        serde_json::from_slice(&package).ok()
+    } else {
+        None
+    };
+    let digest = dedup::digest(&package);
+    let ttl = Duration::from_secs(g.config.token_expire_minutes * 60);
+    let lookup = shared
+        .dedup
+        .run(
+            &request_id,
+            g.number,
+            digest,
+            ttl,
+            // Approvals and status-0 rejections are final; a status-30 failure may be retried.
+            |e: &Arc<Evaluation>| e.decision.status == Status::Ok,
+            // The request and payload move in, so they are freed once the downstreams' token
+            // is signed, not when the answer goes out.
+            move || async move { Arc::new(evaluate(shared, g, request, package, deadline).await) },
+        )
+        .await;
+    match lookup {
+        Lookup::Conflict => {
+            tracing::warn!(
+                request_id = %client::snippet(&request_id),
+                "suspicious: request_id already used with a different payload"
+            );
+            Answer {
+                request: recorded,
+                ..invalid(
+                    Status::InvalidRequest,
+                    request_id,
+                    Some(code),
+                    "request_id was already used with a different payload".into(),
+                )
+            }
+        }
+        Lookup::Done { value, shared } => Answer {
+            request_id,
+            code: Some(code),
+            decision: value.decision.clone(),
+            embedded: value.embedded.clone(),
+            verdicts: value.verdicts.clone(),
+            duplicate: shared,
+            request: recorded,
+        },
+    }
+}
+
+/// Embedded rules, then the downstreams: the decision for one well-formed request.
+async fn evaluate(
+    shared: &Shared,
+    g: &Generation,
+    request: CallbackRequest,
+    package: Vec<u8>,
+    deadline: Instant,
+) -> Evaluation {
+    let code = request.request_type;
+    let kind = RequestType::from_code(code);
+    let detail = request.request_detail.as_deref().unwrap_or("");
+    let rules = g.config.embedded_risk_control_rules.check(code, detail);
+    let embedded = Embedded::from(&rules);
+    let CallbackRequest { request_id, .. } = request;
+    let mut servers = g.subscribers(kind).peekable();
+    let (decision, verdicts) = if matches!(rules, RuleVerdict::Reject(_)) {
+        shared
+            .metrics
+            .embedded_rejections
+            .with_label_values(&[protocol::type_name(Some(code))])
+            .inc();
+        (decide(&rules, &[]), Vec::new())
+    } else if servers.peek().is_none() {
+        (decide(&rules, &[]), Vec::new())
+    } else {
+        // One signature for all downstreams: they all get the node's exact bytes.
+        let out = Outbound {
+            form: client::form_body(&g.sign(Audience::Downstreams, package).await),
+            request_id: request_id.into(),
+            kind,
+            deadline,
+        };
+        ask_downstreams(&shared.metrics, servers, &rules, &out).await
+    };
+    Evaluation {
+        decision,
+        embedded,
+        verdicts,
+    }
+}
+
+/// Fans `out` out to `servers` and decides. Returns the decision and every verdict: enforcing
+/// ones first, then shadows as they stand when the answer goes out.
+async fn ask_downstreams<'a>(
+    metrics: &Metrics,
+    servers: impl Iterator<Item = &'a Arc<Downstream>>,
+    rules: &RuleVerdict,
+    out: &Outbound,
+) -> (Decision, Vec<Verdict>) {
+    let (mut verdicts, shadows) = fanout::fan_out(servers, out, metrics).await;
+    let decision = decide(rules, &verdicts);
+    verdicts.extend(fanout::shadow_snapshot(&shadows));
+    (decision, verdicts)
+}
+
+/// Best-effort `request_id` and `request_type` from a payload that failed to parse, so the
+/// status-10 answer can still name the request.
+fn salvage_ids(package: &[u8]) -> (String, Option<i64>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(package) else {
+        return (String::new(), None);
+    };
+    let id = v
+        .get("request_id")
+        .and_then(|x| x.as_str())
+        .filter(|s| s.len() <= protocol::MAX_REQUEST_ID_BYTES)
+        .unwrap_or_default()
+        .to_owned();
+    (id, v.get("request_type").and_then(|x| x.as_i64()))
+}
+
+fn log_decision(a: &Answer, kind: &str, elapsed: Duration) {
+    let servers: Vec<String> = a
+        .verdicts
+        .iter()
+        .map(|v| {
+            format!(
+                "{}={}({}ms)",
+                v.server,
+                v.outcome.as_str(),
+                v.duration.as_millis()
+            )
+        })
+        .collect();
+    tracing::info!(
+        request_id = %client::snippet(&a.request_id),
+        r#type = kind,
+        status = a.decision.status.code(),
+        decision = a.decision.action.as_str(),
+        duration_ms = elapsed.as_millis() as u64,
+        servers = %servers.join(","),
+        duplicate = a.duplicate,
+        error = %client::snippet(&a.decision.error),
+        "decision"
+    );
+}

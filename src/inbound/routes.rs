@@ -1,0 +1,67 @@
+//! The routes: the TSS Node's (`/v2/check`, `/v1/check`, `/ping`) and the operator's (`/healthz`,
+//! `/readyz`, `/metrics`), which move to `admin_listen` when it is set.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::check::check;
+use crate::Shared;
+
+/// Every route: the node's and the operator's (no `admin_listen`).
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    node_router(shared.clone()).merge(admin_router(shared))
+}
+
+/// What the TSS Node calls: the callbacks and `/ping`.
+pub(crate) fn node_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v2/check", post(check))
+        .route("/v1/check", post(check))
+        .route("/ping", get(ping))
+        .with_state(shared)
+}
+
+/// What operators, probes and Prometheus call; served on `admin_listen` when it is set.
+pub(crate) fn admin_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn ping(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let g = shared.current.load();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Json(serde_json::json!({ "server": g.config.service_name, "timestamp": ms }))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let g = shared.current.load();
+    Json(serde_json::json!({
+        "ready": true,
+        "config_generation": g.number,
+        "servers": shared.health.report(&g),
+    }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}

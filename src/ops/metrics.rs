@@ -1,0 +1,223 @@
+//! The Prometheus registry and every metric handle, named exactly as CONTRACT.md section 7 says:
+//! dashboards and alerts depend on these names and label values.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::protocol::RequestType;
+use crate::verdict::{Outcome, Verdict};
+
+/// Buckets from 1 ms to 30 s, dense around the 5–500 ms where downstream answers usually land.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 15.0, 30.0,
+];
+
+/// Every metric the gateway exports, on a registry of its own (so several gateways can live in
+/// one test process).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) downstream_requests: IntCounterVec,
+    pub(crate) downstream_duration: HistogramVec,
+    pub(crate) downstream_up: IntGaugeVec,
+    pub(crate) downstream_slot_wait: HistogramVec,
+    pub(crate) in_flight: IntGauge,
+    pub(crate) embedded_rejections: IntCounterVec,
+    pub(crate) config_reloads: IntCounterVec,
+    pub(crate) config_last_reload_success: Gauge,
+    pub(crate) callback_servers: IntGaugeVec,
+    pub(crate) build_info: IntGaugeVec,
+}
+
+/// Request outcomes (`tss_gateway_requests_total{outcome}`).
+pub(crate) mod outcome {
+    pub(crate) const APPROVED: &str = "approved";
+    pub(crate) const REJECTED: &str = "rejected";
+    pub(crate) const FAILED: &str = "failed";
+    pub(crate) const INVALID_TOKEN: &str = "invalid_token";
+    pub(crate) const INVALID_REQUEST: &str = "invalid_request";
+    /// Answered HTTP 503 beyond `max_in_flight`, unread.
+    pub(crate) const OVERLOADED: &str = "overloaded";
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            requests: counters(
+                &r,
+                "tss_gateway_requests_total",
+                "Callback requests answered, by task type and outcome.",
+                &["type", "outcome"],
+            ),
+            request_duration: histogram(
+                &r,
+                "tss_gateway_request_duration_seconds",
+                "Time from receiving a callback to answering it.",
+                &["type"],
+            ),
+            downstream_requests: counters(
+                &r,
+                "tss_gateway_downstream_requests_total",
+                "Calls to downstream callback servers, by server and outcome.",
+                &["server", "outcome"],
+            ),
+            downstream_duration: histogram(
+                &r,
+                "tss_gateway_downstream_duration_seconds",
+                "Time a downstream callback server took to answer, retries included.",
+                &["server"],
+            ),
+            downstream_up: gauges(
+                &r,
+                "tss_gateway_downstream_up",
+                "1 if the last health check of the server succeeded.",
+                &["server"],
+            ),
+            downstream_slot_wait: histogram(
+                &r,
+                "tss_gateway_downstream_slot_wait_seconds",
+                "Time a call waited for a free slot of a server with max_concurrent set.",
+                &["server"],
+            ),
+            in_flight: register(
+                &r,
+                IntGauge::new(
+                    "tss_gateway_in_flight_requests",
+                    "Callback requests being decided right now.",
+                ),
+            ),
+            embedded_rejections: counters(
+                &r,
+                "tss_gateway_embedded_rejections_total",
+                "Requests rejected by the embedded risk control rules.",
+                &["type"],
+            ),
+            config_reloads: counters(
+                &r,
+                "tss_gateway_config_reloads_total",
+                "Configuration reload attempts by result.",
+                &["result"],
+            ),
+            config_last_reload_success: register(
+                &r,
+                Gauge::new(
+                    "tss_gateway_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful configuration load.",
+                ),
+            ),
+            callback_servers: gauges(
+                &r,
+                "tss_gateway_callback_servers",
+                "Configured downstream callback servers by mode.",
+                &["mode"],
+            ),
+            build_info: gauges(
+                &r,
+                "tss_gateway_build_info",
+                "Always 1; the version label says which build runs.",
+                &["version"],
+            ),
+            registry: r,
+        };
+        m.start_at_zero();
+        m
+    }
+
+    /// Every label value exists from the start, so rate() and alerts see a zero rather than an
+    /// absence, and the first increment shows as an increase.
+    fn start_at_zero(&self) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for result in ["success", "failure"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+        let outcomes = [
+            outcome::APPROVED,
+            outcome::REJECTED,
+            outcome::FAILED,
+            outcome::INVALID_TOKEN,
+            outcome::INVALID_REQUEST,
+            outcome::OVERLOADED,
+        ];
+        for kind in RequestType::ALL.iter().map(|t| t.name()).chain(["unknown"]) {
+            for o in outcomes {
+                self.requests.with_label_values(&[kind, o]);
+            }
+            self.request_duration.with_label_values(&[kind]);
+            self.embedded_rejections.with_label_values(&[kind]);
+        }
+    }
+
+    /// Creates every series of one downstream server at zero (at start and when a reload adds it).
+    pub(crate) fn register_server(&self, server: &str) {
+        for o in Outcome::RECORDED {
+            self.downstream_requests
+                .with_label_values(&[server, o.as_str()]);
+        }
+        self.downstream_duration.with_label_values(&[server]);
+        self.downstream_slot_wait.with_label_values(&[server]);
+    }
+
+    /// Counts one finished call in `tss_gateway_downstream_requests_total{server,outcome}` and,
+    /// unless it was cancelled (it took no time of its own), its duration.
+    pub(crate) fn record_call(&self, v: &Verdict) {
+        self.downstream_requests
+            .with_label_values(&[&v.server, v.outcome.as_str()])
+            .inc();
+        if v.outcome != Outcome::Cancelled {
+            self.downstream_duration
+                .with_label_values(&[&v.server])
+                .observe(v.duration.as_secs_f64());
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding metrics that are registered and well-formed into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Registers `metric`; the definitions are static, so an error is a bug caught by every test.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let m = metric.expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+/// A histogram over [`BUCKETS`].
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+    register(registry, HistogramVec::new(opts, labels))
+}
+
+/// A labelled counter.
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+/// A labelled gauge.
+fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

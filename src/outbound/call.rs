@@ -1,0 +1,128 @@
+//! One call to one server becomes a [`Verdict`].
+//!
+//! Guarantees: the call is bounded by the server's `timeout_ms` per attempt and by the request's
+//! deadline overall, waiting for a `max_concurrent` slot included; only transport failures are
+//! retried; an answer counts only if it is signed by the server's key and names this request.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::client::{self, CallError, RawAnswer};
+use super::Outbound;
+use crate::generation::Downstream;
+use crate::ops::metrics::Metrics;
+use crate::protocol::CallbackResponse;
+use crate::verdict::{Outcome, Verdict};
+
+/// Backoff before retry `n` (1-based) after a transport failure.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << n.min(6)) / 2)
+}
+
+/// Calls one server: first a free slot if it has `max_concurrent` (waited for until the
+/// deadline: never getting one is a timeout), then attempts bounded by `timeout_ms` and the
+/// deadline, retrying transport failures only. The slot is held until the call ends.
+pub(crate) async fn call(ds: &Downstream, metrics: &Metrics, out: &Outbound) -> Verdict {
+    let _slot = match &ds.slots {
+        None => None,
+        Some(slots) => {
+            let waiting = Instant::now();
+            let slot = slots.acquire(out.deadline).await;
+            let waited = waiting.elapsed();
+            metrics
+                .downstream_slot_wait
+                .with_label_values(&[&ds.name])
+                .observe(waited.as_secs_f64());
+            if slot.is_none() {
+                let detail = format!(
+                    "timeout: no free slot (max_concurrent {}) within {} ms",
+                    slots.limit,
+                    waited.as_millis()
+                );
+                return ds.verdict(Outcome::Timeout, waited, detail);
+            }
+            slot
+        }
+    };
+    let started = Instant::now();
+    let result = post_with_retries(ds, out).await;
+    let elapsed = started.elapsed();
+    match result.and_then(|raw| client::read_answer(&raw, &ds.verifier, Some(&out.request_id))) {
+        Err(e) => ds.verdict(Outcome::from(&e), elapsed, e.to_string()),
+        Ok(resp) => judge(ds, resp, elapsed, out.is_ping()),
+    }
+}
+
+/// Posts the form until an attempt gets an answer, a failure that is not a transport failure,
+/// the retries run out, or the deadline would pass during the next backoff.
+async fn post_with_retries(ds: &Downstream, out: &Outbound) -> Result<RawAnswer, CallError> {
+    let mut attempt = 0;
+    loop {
+        let now = Instant::now();
+        let budget = ds.timeout.min(out.deadline.saturating_duration_since(now));
+        if budget.is_zero() {
+            return Err(CallError::Timeout(ds.timeout.as_millis() as u64));
+        }
+        let post = client::post_form(&ds.client, &ds.url, out.form.clone());
+        let answer = tokio::time::timeout(budget, post)
+            .await
+            .unwrap_or(Err(CallError::Timeout(budget.as_millis() as u64)));
+        match answer {
+            Err(CallError::Transport(e)) if attempt < ds.retries => {
+                attempt += 1;
+                let pause = backoff(attempt);
+                if Instant::now() + pause >= out.deadline {
+                    return Err(CallError::Transport(e));
+                }
+                tracing::debug!(server = %ds.name, attempt, error = %e, "retrying after transport failure");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The verdict a verified answer amounts to.
+fn judge(ds: &Downstream, resp: CallbackResponse, elapsed: Duration, is_ping: bool) -> Verdict {
+    match resp {
+        resp if resp.status == 0 && (is_ping || resp.action == "APPROVE") => {
+            ds.verdict(Outcome::Approved, elapsed, String::new())
+        }
+        resp if resp.status == 0 && resp.action == "REJECT" => {
+            ds.verdict(Outcome::Rejected, elapsed, resp.error)
+        }
+        resp if resp.status != 0 => ds.verdict(
+            Outcome::ErrorStatus,
+            elapsed,
+            format!(
+                "error_status: status {} {}: {}",
+                resp.status,
+                client::snippet(&resp.action),
+                client::snippet(&resp.error)
+            ),
+        ),
+        resp if resp.action.is_empty() => ds.verdict(
+            Outcome::BadResponse,
+            elapsed,
+            "bad_response: status 0 without action".into(),
+        ),
+        resp => ds.verdict(
+            Outcome::BadResponse,
+            elapsed,
+            format!(
+                "bad_response: unknown action {:?}",
+                client::snippet(&resp.action)
+            ),
+        ),
+    }
+}
+
+// === impl Downstream ===
+
+impl Downstream {
+    /// This server's verdict (its `detail` capped, see [`Verdict::new`]).
+    pub(crate) fn verdict(&self, outcome: Outcome, duration: Duration, detail: String) -> Verdict {
+        Verdict::new(self.name.clone(), self.mode, outcome, duration, detail)
+    }
+}
