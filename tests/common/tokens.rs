@@ -64,3 +64,15 @@ pub fn form_token(form: &[u8]) -> String {
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default()
 }
+
+/// True if `text` holds something shaped like a JWT: a base64url JSON header, a dot, and a
+/// base64url JSON payload (`eyJ…​.eyJ…`). Plain `eyJ` is not enough: a checkpoint's base64
+/// signature contains it by chance in about one log in a few hundred.
+pub fn contains_jwt(text: &str) -> bool {
+    let b64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.match_indices("eyJ").any(|(i, _)| {
+        let rest = &text[i..];
+        let header_len = rest.find(|c: char| !b64url(c)).unwrap_or(rest.len());
+        rest[header_len..].starts_with(".eyJ")
+    })
+}
