@@ -345,6 +345,13 @@ async fn collect(
 /// The RSA work of one gateway request with N downstreams, keys parsed once: verify the node's
 /// token, sign once for the downstreams, verify N answers, sign the answer — on `threads` threads
 /// at once. Returns CPU µs per request and requests per second.
+/// [`crypto_floor`] three times: the run with the median CPU per request.
+fn median_floor(k: &Keys, n: usize, threads: usize) -> (f64, f64) {
+    let mut runs: Vec<(f64, f64)> = (0..3).map(|_| crypto_floor(k, n, threads)).collect();
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    runs[1]
+}
+
 fn crypto_floor(k: &Keys, n: usize, threads: usize) -> (f64, f64) {
     let dir = k.dir.path();
     let node_pub = Verifier::load(&dir.join("node-pub.key")).unwrap();
@@ -458,10 +465,11 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
     };
     // (c) the crypto floor.
     // On both cores at once, as the gateway runs: that is what "the floor on 2 cores" allows.
-    let (one5, _) = crypto_floor(&k, 5, 1);
-    let (one1, _) = crypto_floor(&k, 1, 1);
-    let (floor5, rate5) = crypto_floor(&k, 5, 2);
-    let (floor1, rate1) = crypto_floor(&k, 1, 2);
+    // Each the median of three runs: one run on a shared machine can be off by 20%.
+    let (one5, _) = median_floor(&k, 5, 1);
+    let (one1, _) = median_floor(&k, 1, 1);
+    let (floor5, rate5) = median_floor(&k, 5, 2);
+    let (floor1, rate1) = median_floor(&k, 1, 2);
     eprintln!("crypto floor: {floor5:.0} µs CPU per request with N=5, {floor1:.0} µs with N=1");
 
     // The floor as latency: one request's RSA work on one core, in ms.
