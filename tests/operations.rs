@@ -37,10 +37,10 @@ async fn identical_retries_share_one_fan_out_and_definitive_decisions_are_rememb
         1,
         "concurrent identical requests share one fan-out"
     );
-    // A later identical retry gets the remembered approval without asking again.
+    // A later identical retry gets the remembered approval without asking again (the call count,
+    // not the clock, shows it: a timed bound failed on a loaded machine).
     let r = send(&gw.url(), &payload).await;
     r.expect(0, "APPROVE", &[]);
-    assert!(r.elapsed < Duration::from_millis(250), "{:?}", r.elapsed);
     assert_eq!(a.calls(), 1);
     // Every answer is audited; retries are marked.
     let records = gw.audit_records();
