@@ -7,35 +7,37 @@
 //! [`protocol`], [`rules`] apply, [`outbound`] asks the downstreams, `verdict` decides, [`ops`]
 //! audits and counts it, and [`inbound`] signs the answer with the request's [`generation`].
 //! [`tools`] are what operators run beside it.
+// The module docs are for maintainers and name the private modules on purpose.
+#![allow(rustdoc::private_intra_doc_links)]
 
-/// The YAML schema, defaults and validation with field-named errors.
+// The YAML schema, defaults and validation with field-named errors.
 pub mod config;
 
-/// One loaded config: keys parsed, clients built; signs with its own keys.
+// One loaded config: keys parsed, clients built; signs with its own keys.
 pub mod generation;
 
-/// The state every request shares, across generations.
+// The state every request shares, across generations.
 mod gateway;
 
-/// The Cobo envelope, RS256 tokens and RSA keys.
+// The Cobo envelope, RS256 tokens and RSA keys.
 pub mod protocol;
 
-/// Data: each server's verdict, the decision, and the pure `decide()`.
+// Data: each server's verdict, the decision, and the pure `decide()`.
 mod verdict;
 
-/// The embedded risk control rules (pure, no I/O).
+// The embedded risk control rules (pure, no I/O).
 pub mod rules;
 
-/// The listener, the callback route, body reading, duplicate memory, admission, TLS.
+// The listener, the callback route, body reading, duplicate memory, admission, TLS.
 pub mod inbound;
 
-/// Fan-out and shadow calls, one call, the HTTP client, TLS toward downstreams.
+// Fan-out and shadow calls, one call, the HTTP client, TLS toward downstreams.
 pub mod outbound;
 
-/// Metrics, the audit log, health checks, hot reload.
+// Metrics, the audit log, health checks, hot reload.
 pub mod ops;
 
-/// Probe, demo, sample servers, `audit verify`, `replay`: run by operators, not on the path.
+// Probe, demo, sample servers, `audit verify`, `replay`: run by operators, not on the path.
 pub mod tools;
 
 pub use gateway::Shared;

@@ -21,7 +21,7 @@
 //! - Records hold verdicts and errors, and with `audit_payloads` the verified CallbackRequest;
 //!   never a token or a key.
 //!
-//! `audit verify` ([`crate::verify`]) checks all of this from the files alone.
+//! `audit verify` ([`crate::tools::verify`]) checks all of this from the files alone.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
