@@ -10,8 +10,7 @@
 //! it. Long-lived threads (rather than tokio's blocking pool) also keep their per-thread state:
 //! aws-lc seeds a random generator per thread for RSA blinding, which costs tens of microseconds
 //! on each new thread, and a hand-off to a waiting thread is cheaper than tokio's
-//! `spawn_blocking` (measured: 1.24–1.34x the crypto floor in CPU per request against
-//! 1.46–1.53x, README "Benchmark"). The threads run at the process's own priority: a lower one
+//! `spawn_blocking` (measured in README "Benchmark", *The signing threads*). The threads run at the process's own priority: a lower one
 //! (nice +10) was measured and made no difference to shedding under a flood, and on a host
 //! without autogroups it would let any other process delay approvals.
 
