@@ -768,6 +768,57 @@ struct Flood {
     errors: usize,
 }
 
+/// What one request of a flood got back.
+enum Got {
+    /// A signed answer for its `request_id`: approved or not.
+    Signed { approved: bool },
+    /// An HTTP 503 (shed by `max_in_flight`).
+    Shed,
+    /// Neither: a refused or reset connection, an unreadable or unverifiable answer.
+    Error,
+}
+
+impl Got {
+    /// Sorts out `raw`, the answer to request `id` (`None`: no HTTP answer at all).
+    fn of(raw: Option<client::RawAnswer>, key: &Verifier, id: &str) -> Got {
+        match raw {
+            Some(raw) if raw.status == 503 => Got::Shed,
+            Some(raw) => match client::read_answer(&raw, key, Some(id)) {
+                Ok(answer) => Got::Signed {
+                    approved: answer.is_approval(),
+                },
+                Err(_) => Got::Error,
+            },
+            None => Got::Error,
+        }
+    }
+}
+
+impl Flood {
+    /// Waits for every request of the flood; latencies sorted.
+    async fn gather(mut tasks: FuturesUnordered<tokio::task::JoinHandle<(f64, Got)>>) -> Flood {
+        let mut f = Flood {
+            signed: Vec::new(),
+            shed: Vec::new(),
+            approved: 0,
+            errors: 0,
+        };
+        while let Some(r) = tasks.next().await {
+            match r.unwrap() {
+                (ms, Got::Signed { approved }) => {
+                    f.signed.push(ms);
+                    f.approved += usize::from(approved);
+                }
+                (ms, Got::Shed) => f.shed.push(ms),
+                (_, Got::Error) => f.errors += 1,
+            }
+        }
+        f.signed.sort_by(f64::total_cmp);
+        f.shed.sort_by(f64::total_cmp);
+        f
+    }
+}
+
 /// Sends every token at once, each on its own connection, and sorts out the answers.
 async fn overload(url: &reqwest::Url, key: &Verifier, tokens: Vec<(String, String)>) -> Flood {
     let c = client::builder(Duration::from_secs(30))
@@ -775,7 +826,7 @@ async fn overload(url: &reqwest::Url, key: &Verifier, tokens: Vec<(String, Strin
         .build()
         .unwrap();
     let gate = Arc::new(tokio::sync::Barrier::new(tokens.len() + 1));
-    let mut tasks = FuturesUnordered::new();
+    let tasks = FuturesUnordered::new();
     for (id, token) in tokens {
         let (c, url, key, gate) = (c.clone(), url.clone(), key.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
@@ -783,36 +834,11 @@ async fn overload(url: &reqwest::Url, key: &Verifier, tokens: Vec<(String, Strin
             let t = Instant::now();
             let raw = client::post_token(&c, &url, &token).await;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
-            match raw {
-                Ok(raw) if raw.status == 503 => (ms, Some(None)),
-                Ok(raw) => match client::read_answer(&raw, &key, Some(&id)) {
-                    Ok(answer) => (ms, Some(Some(answer.is_approval()))),
-                    Err(_) => (ms, None),
-                },
-                Err(_) => (ms, None),
-            }
+            (ms, Got::of(raw.ok(), &key, &id))
         }));
     }
     gate.wait().await;
-    let mut f = Flood {
-        signed: Vec::new(),
-        shed: Vec::new(),
-        approved: 0,
-        errors: 0,
-    };
-    while let Some(r) = tasks.next().await {
-        match r.unwrap() {
-            (ms, Some(Some(approved))) => {
-                f.signed.push(ms);
-                f.approved += usize::from(approved);
-            }
-            (ms, Some(None)) => f.shed.push(ms),
-            (_, None) => f.errors += 1,
-        }
-    }
-    f.signed.sort_by(f64::total_cmp);
-    f.shed.sort_by(f64::total_cmp);
-    f
+    Flood::gather(tasks).await
 }
 
 /// Like [`overload`], but every connection is opened (and accepted by the gateway) before the
@@ -829,7 +855,7 @@ async fn overload_preconnected(
     let addr = url.socket_addrs(|| None).unwrap()[0];
     let authority = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
     let gate = Arc::new(tokio::sync::Barrier::new(tokens.len() + 1));
-    let mut tasks = FuturesUnordered::new();
+    let tasks = FuturesUnordered::new();
     for (id, token) in tokens {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
@@ -861,36 +887,11 @@ async fn overload_preconnected(
                 Err(_) => None,
             };
             let ms = t.elapsed().as_secs_f64() * 1000.0;
-            match raw {
-                Some(raw) if raw.status == 503 => (ms, Some(None)),
-                Some(raw) => match client::read_answer(&raw, &key, Some(&id)) {
-                    Ok(answer) => (ms, Some(Some(answer.is_approval()))),
-                    Err(_) => (ms, None),
-                },
-                None => (ms, None),
-            }
+            (ms, Got::of(raw, &key, &id))
         }));
     }
     gate.wait().await;
-    let mut f = Flood {
-        signed: Vec::new(),
-        shed: Vec::new(),
-        approved: 0,
-        errors: 0,
-    };
-    while let Some(r) = tasks.next().await {
-        match r.unwrap() {
-            (ms, Some(Some(approved))) => {
-                f.signed.push(ms);
-                f.approved += usize::from(approved);
-            }
-            (ms, Some(None)) => f.shed.push(ms),
-            (_, None) => f.errors += 1,
-        }
-    }
-    f.signed.sort_by(f64::total_cmp);
-    f.shed.sort_by(f64::total_cmp);
-    f
+    Flood::gather(tasks).await
 }
 
 fn mark(ok: bool) -> &'static str {
