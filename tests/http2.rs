@@ -160,17 +160,11 @@ async fn a_reload_that_changes_http2_takes_effect() {
     send(&gw.url(), &request("key_sign", "before-reload"))
         .await
         .expect(0, "APPROVE", &[]);
-    gw.write_config(&config_yaml(
+    gw.reload_with(&config_yaml(
         gw.addr,
         &[entry_at(&stand_in, &server.url, "http2: always")],
         "",
     ));
-    let next = tss_callback_gateway::generation::Generation::reload(
-        &gw.config_path,
-        &gw.shared.current.load(),
-    )
-    .unwrap();
-    gw.shared.current.store(Arc::new(next));
     send(&gw.url(), &request("key_sign", "after-reload"))
         .await
         .expect(0, "APPROVE", &[]);

@@ -495,17 +495,11 @@ async fn a_call_that_never_gets_a_slot_is_a_timeout() {
     until("the first call reaches the server", || hung.calls() == 1).await;
 
     // The next generation has a short deadline; the holder keeps its slot for its own 5 s.
-    gw.write_config(&config_yaml(
+    gw.reload_with(&config_yaml(
         gw.addr,
         &[entry(&hung, "max_concurrent: 1")],
         "deadline_ms: 300",
     ));
-    let next = tss_callback_gateway::generation::Generation::reload(
-        &gw.config_path,
-        &gw.shared.current.load(),
-    )
-    .unwrap();
-    gw.shared.current.store(Arc::new(next));
 
     send(&gw.url(), &request("key_sign", "waiter"))
         .await

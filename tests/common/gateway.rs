@@ -132,6 +132,15 @@ impl Gateway {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
+    /// Rewrites the config and makes it the current generation at once, without a watcher, as
+    /// a reload does (in-flight requests keep theirs).
+    pub fn reload_with(&self, yaml: &str) {
+        self.write_config(yaml);
+        let next = Generation::reload(&self.config_path, &self.shared.current.load())
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.shared.current.store(std::sync::Arc::new(next));
+    }
+
     pub fn generation(&self) -> u64 {
         self.shared.current.load().number
     }
