@@ -104,6 +104,29 @@ fn write_config(dir: &Path, addr: SocketAddr, ds: &Downstream, extra: &str) -> P
     path
 }
 
+/// A new folder with a gateway config asking `ds` (plus `extra`), a free address for it, and
+/// the audit log `audit.jsonl` it will write there.
+struct Setup {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    url: String,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+fn setup(ds: &Downstream, extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), addr, ds, extra);
+    Setup {
+        url: format!("http://{addr}/v2/check"),
+        log: dir.path().join("audit.jsonl"),
+        dir,
+        addr,
+        config,
+    }
+}
+
 async fn send_n(url: &str, prefix: &str, n: usize) {
     for i in 0..n {
         send(url, &request("key_sign", &format!("{prefix}-{i}")))
@@ -155,22 +178,13 @@ fn logrotate_config(dir: &Path, log: &Path, pid: u32) -> PathBuf {
 async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies() {
     let k = keys();
     let ds = Downstream::start("approver", &k.servers[0], always(Answer::approve()), 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
-    let config = write_config(
-        dir.path(),
-        addr,
-        &ds,
-        "audit_checkpoint_every: 4\naudit_checkpoint_ms: 0\n",
-    );
-    let log = dir.path().join("audit.jsonl");
+    let s = setup(&ds, "audit_checkpoint_every: 4\naudit_checkpoint_ms: 0\n");
 
-    let gw = spawn_run(&config, addr);
-    send_n(&url, "first", 6).await;
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "first", 6).await;
     stop(gw);
     // Six records, an interval checkpoint after the fourth, a shutdown checkpoint at the end.
-    let first = lines(&log);
+    let first = lines(&s.log);
     assert_eq!(first.len(), 8);
     assert_eq!(json(&first[0])["prev"], "0".repeat(64));
     assert_eq!(json(&first[4])["checkpoint"]["reason"], "interval");
@@ -178,20 +192,20 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
     for pair in first.windows(2) {
         assert_eq!(json(&pair[1])["prev"], sha256_hex(pair[0].as_bytes()));
     }
-    let (code, out, err) = verify(&[&log], &[]);
+    let (code, out, err) = verify(&[&s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
 
     // A restart continues the chain from the last line.
-    let gw = spawn_run(&config, addr);
-    send_n(&url, "second", 2).await;
-    let before_rotation = lines(&log);
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "second", 2).await;
+    let before_rotation = lines(&s.log);
     assert_eq!(
         json(&before_rotation[8])["prev"],
         sha256_hex(first[7].as_bytes())
     );
 
     // The real logrotate, with the shipped config: rename, create, then SIGHUP.
-    let state = dir.path().join("logrotate.state");
+    let state = s.dir.path().join("logrotate.state");
     // Debian installs it in /usr/sbin, which is not on every user's PATH.
     let logrotate = ["/usr/sbin/logrotate", "/usr/bin/logrotate"]
         .into_iter()
@@ -202,7 +216,7 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
             "-f",
             "-s",
             state.to_str().unwrap(),
-            logrotate_config(dir.path(), &log, gw.id())
+            logrotate_config(s.dir.path(), &s.log, gw.id())
                 .to_str()
                 .unwrap(),
         ])
@@ -213,7 +227,7 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
         "logrotate: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rotated = dir.path().join("audit.jsonl.1");
+    let rotated = s.dir.path().join("audit.jsonl.1");
     // SIGHUP alone (no request yet) closes the old file with a rotation checkpoint.
     let started = Instant::now();
     loop {
@@ -227,11 +241,11 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    send_n(&url, "third", 3).await;
+    send_n(&s.url, "third", 3).await;
     stop(gw);
 
     let old = lines(&rotated);
-    let new = lines(&log);
+    let new = lines(&s.log);
     assert_eq!(
         json(&new[0])["prev"],
         sha256_hex(old.last().unwrap().as_bytes()),
@@ -241,50 +255,46 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
     let mut want: Vec<String> = (0..6).map(|i| format!("first-{i}")).collect();
     want.extend((0..2).map(|i| format!("second-{i}")));
     want.extend((0..3).map(|i| format!("third-{i}")));
-    assert_eq!(request_ids(&[&rotated, &log]), want);
+    assert_eq!(request_ids(&[&rotated, &s.log]), want);
 
-    let (code, out, err) = verify(&[&rotated, &log], &[]);
+    let (code, out, err) = verify(&[&rotated, &s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("intact: 11 records in 2 file(s)"), "{out}");
     // Pinned to the gateway's key, by file or by config.
     let spki = k.gateway.spki.to_str().unwrap();
-    let (code, out, _) = verify(&[&rotated, &log], &["--key", spki]);
+    let (code, out, _) = verify(&[&rotated, &s.log], &["--key", spki]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("pinned"), "{out}");
-    let (code, out, _) = verify(&[&rotated, &log], &["-c", config.to_str().unwrap()]);
+    let (code, out, _) = verify(&[&rotated, &s.log], &["-c", s.config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     // Out of order, or without the older file, the chain does not hold.
-    let (code, out, _) = verify(&[&log, &rotated], &[]);
+    let (code, out, _) = verify(&[&s.log, &rotated], &[]);
     assert_eq!(code, 1, "{out}");
-    let (code, out, _) = verify(&[&log], &[]);
+    let (code, out, _) = verify(&[&s.log], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("audit.jsonl:1:"), "{out}");
-    let (code, out, _) = verify(&[&log], &["--mid-chain"]);
+    let (code, out, _) = verify(&[&s.log], &["--mid-chain"]);
     assert_eq!(code, 0, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_rotated_while_the_gateway_was_stopped_is_continued() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
-    let config = write_config(dir.path(), addr, &ds, "");
-    let log = dir.path().join("audit.jsonl");
-    let gw = spawn_run(&config, addr);
-    send_n(&url, "before", 2).await;
+    let s = setup(&ds, "");
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "before", 2).await;
     stop(gw);
-    let rotated = dir.path().join("audit.jsonl-20261127");
-    std::fs::rename(&log, &rotated).unwrap();
-    let gw = spawn_run(&config, addr);
-    send_n(&url, "after", 2).await;
+    let rotated = s.dir.path().join("audit.jsonl-20261127");
+    std::fs::rename(&s.log, &rotated).unwrap();
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "after", 2).await;
     stop(gw);
     let old = lines(&rotated);
     assert_eq!(
-        json(&lines(&log)[0])["prev"],
+        json(&lines(&s.log)[0])["prev"],
         sha256_hex(old.last().unwrap().as_bytes())
     );
-    let (code, out, err) = verify(&[&rotated, &log], &[]);
+    let (code, out, err) = verify(&[&rotated, &s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("intact: 4 records in 2 file(s)"), "{out}");
 }
@@ -747,16 +757,12 @@ async fn without_audit_payloads_no_request_is_recorded_and_replay_skips_every_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_log_verifies_once_every_answer_is_out_and_fails_when_cut_before_its_checkpoint() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
     // Default checkpoint settings: nothing but going idle seals 32 records.
-    let config = write_config(dir.path(), addr, &ds, "");
-    let log = dir.path().join("audit.jsonl");
-    let gw = spawn_run(&config, addr);
+    let s = setup(&ds, "");
+    let gw = spawn_run(&s.config, s.addr);
     let tasks: Vec<_> = (0..32)
         .map(|w| {
-            let url = url.clone();
+            let url = s.url.clone();
             tokio::spawn(async move { send_n(&url, &format!("live{w}"), 1).await })
         })
         .collect();
@@ -764,15 +770,15 @@ async fn a_live_log_verifies_once_every_answer_is_out_and_fails_when_cut_before_
         t.await.unwrap();
     }
     // The gateway is still running: the last record was sealed before its answer went out.
-    let (code, out, err) = verify(&[&log], &["--key", keys().gateway.spki.to_str().unwrap()]);
+    let (code, out, err) = verify(&[&s.log], &["--key", keys().gateway.spki.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("intact: 32 records"), "{out}");
-    let all = lines(&log);
+    let all = lines(&s.log);
     let last = json(all.last().unwrap());
     assert!(last.get("checkpoint").is_some(), "{last}");
     // Cut before that checkpoint: the file no longer ends sealed.
     let cut = all.len() - 1;
-    let (code, out) = verify_lines(dir.path(), "cut.jsonl", &all[..cut]);
+    let (code, out) = verify_lines(s.dir.path(), "cut.jsonl", &all[..cut]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("cut.jsonl:{}:", cut + 1)), "{out}");
     stop(gw);
@@ -781,21 +787,17 @@ async fn a_live_log_verifies_once_every_answer_is_out_and_fails_when_cut_before_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint() {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
     // Only interval, shutdown, rotation and reconfiguration checkpoints.
-    let config = write_config(dir.path(), addr, &ds, "audit_checkpoint_ms: 0\n");
-    let old = dir.path().join("audit.jsonl");
-    let new = dir.path().join("moved.jsonl");
-    let gw = spawn_run(&config, addr);
-    send_n(&url, "old", 3).await;
-    let (code, out, _) = verify(&[&old], &[]);
+    let s = setup(&ds, "audit_checkpoint_ms: 0\n");
+    let new = s.dir.path().join("moved.jsonl");
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "old", 3).await;
+    let (code, out, _) = verify(&[&s.log], &[]);
     assert_eq!(code, 1, "unsealed before the reload: {out}");
     std::fs::write(
-        &config,
+        &s.config,
         config_yaml(
-            addr,
+            s.addr,
             &[entry(&ds, "")],
             "audit_log: moved.jsonl\naudit_checkpoint_ms: 0\n",
         ),
@@ -804,7 +806,7 @@ async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint
     kill(&gw, "HUP");
     let mut closed = false;
     for _ in 0..200 {
-        let last = lines(&old).last().map(|l| json(l));
+        let last = lines(&s.log).last().map(|l| json(l));
         if last.is_some_and(|l| l["checkpoint"]["reason"] == "reconfigured") {
             closed = true;
             break;
@@ -815,10 +817,10 @@ async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint
         closed,
         "no closing checkpoint in the old file after the reload"
     );
-    let (code, out, err) = verify(&[&old], &[]);
+    let (code, out, err) = verify(&[&s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("intact: 3 records"), "{out}");
-    send_n(&url, "new", 1).await;
+    send_n(&s.url, "new", 1).await;
     stop(gw);
     assert_eq!(request_ids(&[&new]), vec!["new-0".to_owned()]);
     let (code, out, _) = verify(&[&new], &[]);
@@ -839,21 +841,15 @@ async fn under_steady_load_a_checkpoint_is_written_within_audit_checkpoint_ms() 
         0,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
-    let config = write_config(
-        dir.path(),
-        addr,
+    let s = setup(
         &ds,
         "audit_checkpoint_ms: 200\naudit_checkpoint_every: 100000\n",
     );
-    let log = dir.path().join("audit.jsonl");
-    let gw = spawn_run(&config, addr);
+    let gw = spawn_run(&s.config, s.addr);
     let done = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..4)
         .map(|w| {
-            let (url, done) = (url.clone(), done.clone());
+            let (url, done) = (s.url.clone(), done.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(40 * w)).await;
                 for i in 0..100 {
@@ -873,7 +869,7 @@ async fn under_steady_load_a_checkpoint_is_written_within_audit_checkpoint_ms() 
     };
     let mut seen = false;
     for _ in 0..400 {
-        if elapsed_checkpoint(&log) {
+        if elapsed_checkpoint(&s.log) {
             seen = true;
             break;
         }
@@ -888,7 +884,7 @@ async fn under_steady_load_a_checkpoint_is_written_within_audit_checkpoint_ms() 
         "no `elapsed` checkpoint while requests kept the gateway busy"
     );
     stop(gw);
-    let (code, out, err) = verify(&[&log], &[]);
+    let (code, out, err) = verify(&[&s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
 }
 
@@ -905,16 +901,12 @@ async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
         }
     });
     let ds = Downstream::start("mixed", &keys().servers[0], script, 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let url = format!("http://{addr}/v2/check");
     // No `elapsed` checkpoint can come within the test: only going idle seals.
-    let config = write_config(dir.path(), addr, &ds, "audit_checkpoint_ms: 600000\n");
-    let log = dir.path().join("audit.jsonl");
-    let gw = spawn_run(&config, addr);
+    let s = setup(&ds, "audit_checkpoint_ms: 600000\n");
+    let gw = spawn_run(&s.config, s.addr);
     // The node sends a request that stays pending (its downstream never answers)...
     let slow = {
-        let url = url.clone();
+        let url = s.url.clone();
         tokio::spawn(async move {
             let _ = send(&url, &request("key_sign", "slow-0")).await;
         })
@@ -927,15 +919,15 @@ async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
     }
     assert!(ds.seen().iter().any(|s| s.request_id == "slow-0"));
     // ...and, meanwhile, three that are answered: their records are not sealed yet.
-    send_n(&url, "fast", 3).await;
-    let (code, out, _) = verify(&[&log], &[]);
+    send_n(&s.url, "fast", 3).await;
+    let (code, out, _) = verify(&[&s.log], &[]);
     assert_eq!(code, 1, "sealed while a request was still pending: {out}");
     // The node gives up on the pending one and closes its connection.
     slow.abort();
     let _ = slow.await;
     let mut sealed = false;
     for _ in 0..400 {
-        if verify(&[&log], &[]).0 == 0 {
+        if verify(&[&s.log], &[]).0 == 0 {
             sealed = true;
             break;
         }
@@ -945,8 +937,8 @@ async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
         sealed,
         "the log was not sealed after the last pending request was dropped"
     );
-    let last = json(lines(&log).last().unwrap());
+    let last = json(lines(&s.log).last().unwrap());
     assert_eq!(last["checkpoint"]["reason"], "idle", "{last}");
-    assert_eq!(request_ids(&[&log]), vec!["fast-0", "fast-1", "fast-2"]);
+    assert_eq!(request_ids(&[&s.log]), vec!["fast-0", "fast-1", "fast-2"]);
     stop(gw);
 }
