@@ -442,39 +442,35 @@ mod tests {
         assert_eq!((value, shared), (3, false));
     }
 
+    /// Evaluates a definitive request `id` whose evaluation is `value`, remembered for `ttl`.
+    async fn remember(d: &Dedup<i64>, id: &str, ttl: Duration, value: i64) {
+        d.run(
+            id,
+            1,
+            digest(b"x"),
+            ttl,
+            definitive,
+            || async move { value },
+        )
+        .await;
+    }
+
     #[tokio::test]
     async fn memory_is_bounded_in_entries_and_bytes_and_expired_entries_go_continuously() {
         let d = Dedup::<i64>::new(3, 1 << 20);
         let ttl = Duration::from_millis(20);
         for i in 0..10 {
-            d.run(
-                &format!("r{i}"),
-                1,
-                digest(b"x"),
-                ttl,
-                definitive,
-                || async { 0 },
-            )
-            .await;
+            remember(&d, &format!("r{i}"), ttl, 0).await;
             assert!(d.len() <= 3);
         }
         // Expired entries go at the next request even when the cache is far from full.
         let d = Dedup::<i64>::new(1000, 1 << 20);
         for i in 0..10 {
-            d.run(
-                &format!("r{i}"),
-                1,
-                digest(b"x"),
-                ttl,
-                definitive,
-                || async { 0 },
-            )
-            .await;
+            remember(&d, &format!("r{i}"), ttl, 0).await;
         }
         assert_eq!(d.len(), 10);
         tokio::time::sleep(Duration::from_millis(30)).await;
-        d.run("fresh", 1, digest(b"x"), TTL, definitive, || async { 0 })
-            .await;
+        remember(&d, "fresh", TTL, 0).await;
         assert_eq!(d.len(), 1);
         assert_eq!(d.bytes(), key_bytes("fresh") + 8);
         // Bytes: values too large to fit are not remembered, and the total never exceeds the
@@ -482,15 +478,7 @@ mod tests {
         let max = 9_000;
         let d = Dedup::<i64>::new(1000, max);
         for i in 0..50 {
-            d.run(
-                &format!("b{i}"),
-                1,
-                digest(b"x"),
-                TTL,
-                definitive,
-                || async { 3000 },
-            )
-            .await;
+            remember(&d, &format!("b{i}"), TTL, 3000).await;
             assert!(d.bytes() <= max, "{}", d.bytes());
         }
         assert_eq!(d.len(), 2);
