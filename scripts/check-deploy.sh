@@ -73,8 +73,17 @@ for d in yaml.safe_load_all(pathlib.Path(sys.argv[1]).read_text()):
     if d["kind"] not in crds:
         kubernetes_validate.validate(d, "1.30", strict=True)
 print("kustomize output valid")
-dep = next(d for d in docs if d["kind"] == "Deployment")
+dep = next(d for d in docs if d["kind"] == "StatefulSet")
 spec = dep["spec"]["template"]["spec"]
+# The audit log is evidence: a PersistentVolumeClaim per replica, never an emptyDir.
+assert [t["metadata"]["name"] for t in dep["spec"]["volumeClaimTemplates"]] == ["audit"]
+assert all("emptyDir" not in v for v in spec["volumes"]), "the audit log must not live in an emptyDir"
+assert dep["spec"]["serviceName"] in {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+netpol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+assert netpol["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+assert {p["port"] for r in netpol["spec"]["ingress"] for p in r["ports"]} == {"http", "admin"}
 c = spec["containers"][0]
 assert dep["spec"]["replicas"] >= 2
 assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
