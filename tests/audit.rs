@@ -967,3 +967,642 @@ async fn when_the_last_pending_request_is_dropped_the_log_is_sealed() {
     assert_eq!(request_ids(&[&s.log]), vec!["fast-0", "fast-1", "fast-2"]);
     stop(gw);
 }
+
+// === a chain the gateway can prove is its own (issue 19 item 1, issue 20 items 3-5) ===
+
+/// `run -c config` with its stderr (logs and witness lines) going to a file, once it accepts
+/// connections. `prelude`: shell commands run first (`umask 000`, `export RUST_LOG=error`).
+fn spawn_logged(config: &Path, addr: SocketAddr, stderr: &Path, prelude: Option<&str>) -> Child {
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr)
+        .unwrap();
+    let mut cmd = match prelude {
+        Some(u) => {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                &format!("{u}; exec \"$0\" run -c \"$1\" --log-format json"),
+                BIN,
+                config.to_str().unwrap(),
+            ]);
+            c
+        }
+        None => {
+            let mut c = Command::new(BIN);
+            c.args([
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ]);
+            c
+        }
+    };
+    let child = cmd.stdout(Stdio::null()).stderr(err).spawn().unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// The files set aside next to `log` (`<log>.discontinuity-*`).
+fn set_aside(log: &Path) -> Vec<PathBuf> {
+    let prefix = format!(
+        "{}.discontinuity-",
+        log.file_name().unwrap().to_str().unwrap()
+    );
+    let mut found: Vec<PathBuf> = std::fs::read_dir(log.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// A metric of the gateway at `addr`, from its `/metrics`.
+async fn metric_at(addr: SocketAddr, series: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    common::gateway::metric_value(&text, series)
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The ERROR log lines of a stderr file that mention `text`.
+fn errors_mentioning(stderr: &Path, text: &str) -> usize {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"ERROR\"") && l.contains(text))
+        .count()
+}
+
+/// The first line of the new file is a `discontinuity` checkpoint naming `aside`; returns it.
+#[track_caller]
+fn assert_discontinuity(log: &Path, aside: &Path) -> serde_json::Value {
+    let first = json(&lines(log)[0]);
+    assert_eq!(first["checkpoint"]["reason"], "discontinuity", "{first}");
+    assert_eq!(
+        first["checkpoint"]["found"]["file"],
+        aside.display().to_string(),
+        "{first}"
+    );
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cut_at_an_earlier_checkpoint_while_stopped_is_set_aside_not_continued() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "audit_checkpoint_every: 2\naudit_checkpoint_ms: 0\n");
+    let stderr = s.dir.path().join("stderr.log");
+    let gw = spawn_logged(&s.config, s.addr, &stderr, None);
+    send_n(&s.url, "a", 6).await;
+    stop(gw);
+    let all = lines(&s.log);
+    let last_seq = json(all.last().unwrap())["seq"].as_u64().unwrap();
+    // Cut at the interval checkpoint after the fourth record: the last approvals are dropped.
+    let cut_at = all
+        .iter()
+        .rposition(|l| {
+            let r = json(l);
+            r["checkpoint"]["reason"] == "interval" && r["seq"].as_u64().unwrap() < last_seq - 3
+        })
+        .unwrap();
+    let cut: String = all[..=cut_at].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&s.log, &cut).unwrap();
+
+    let gw = spawn_logged(&s.config, s.addr, &stderr, None);
+    send_n(&s.url, "b", 1).await;
+    let aside = set_aside(&s.log);
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), cut);
+    let first = assert_discontinuity(&s.log, &aside[0]);
+    // Chained to the head the gateway saved, and seq goes on from it, never backwards.
+    assert_eq!(first["prev"], sha256_hex(all.last().unwrap().as_bytes()));
+    assert_eq!(first["seq"], last_seq + 1);
+    assert_eq!(
+        first["checkpoint"]["found"]["last_seq"],
+        json(&all[cut_at])["seq"]
+    );
+    assert_eq!(first["checkpoint"]["found"]["unsealed_lines"], 0);
+    assert_eq!(
+        metric_at(s.addr, "tss_gateway_audit_discontinuities_total").await,
+        1.0
+    );
+    assert_eq!(errors_mentioning(&stderr, "set aside"), 1);
+    stop(gw);
+    assert_eq!(request_ids(&[&s.log]), vec!["b-0".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_fabricated_while_stopped_is_never_sealed_by_the_gateway() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "real", 2).await;
+    stop(gw);
+    // A fake approval with a correct `seq` and `prev`, appended while the gateway is stopped.
+    let all = lines(&s.log);
+    let last = all.last().unwrap();
+    let fake = serde_json::json!({
+        "ts": "2026-12-01T00:00:00.000Z", "request_id": "fabricated", "type": "key_sign",
+        "status": 0, "action": "APPROVE", "error": "", "duration_ms": 1.0, "embedded": "off",
+        "servers": [], "config_generation": 1,
+        "seq": json(last)["seq"].as_u64().unwrap() + 1, "prev": sha256_hex(last.as_bytes()),
+    })
+    .to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&s.log)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{fake}\n").as_bytes()).unwrap();
+    drop(f);
+
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "after", 1).await;
+    stop(gw);
+    let aside = set_aside(&s.log);
+    assert_eq!(aside.len(), 1);
+    // The fabricated line stays last in the file set aside: no checkpoint of the gateway seals it.
+    assert_eq!(lines(&aside[0]).last().unwrap(), &fake);
+    let first = assert_discontinuity(&s.log, &aside[0]);
+    assert_eq!(first["checkpoint"]["found"]["unsealed_lines"], 1);
+    assert_eq!(request_ids(&[&s.log]), vec!["after-0".to_owned()]);
+    // Pinned verify no longer calls the fabricated record proven: the old file ends unsealed.
+    let key = keys().gateway.spki.to_str().unwrap().to_owned();
+    let (code, out, _) = verify(&[&aside[0]], &["--key", &key]);
+    assert_eq!(code, 1, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_file_renamed_over_the_live_log_is_set_aside_not_continued() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let stderr = s.dir.path().join("stderr.log");
+    let gw = spawn_logged(&s.config, s.addr, &stderr, None);
+    send_n(&s.url, "real", 2).await;
+    // A copy of the log without its real approvals, plus a fake one, renamed over the live log.
+    let all = lines(&s.log);
+    let planted: String = all[..2]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .chain(std::iter::once(
+            "{\"request_id\":\"planted\",\"status\":0,\"action\":\"APPROVE\"}\n".to_owned(),
+        ))
+        .collect();
+    let tmp = s.dir.path().join("planted.tmp");
+    std::fs::write(&tmp, &planted).unwrap();
+    std::fs::rename(&tmp, &s.log).unwrap();
+    send_n(&s.url, "next", 1).await;
+    let aside = set_aside(&s.log);
+    assert_eq!(aside.len(), 1);
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), planted);
+    let first = assert_discontinuity(&s.log, &aside[0]);
+    assert_eq!(request_ids(&[&s.log]), vec!["next-0".to_owned()]);
+    assert!(!std::fs::read_to_string(&s.log)
+        .unwrap()
+        .contains("planted\""));
+    assert!(first["seq"].as_u64().unwrap() > json(all.last().unwrap())["seq"].as_u64().unwrap());
+    assert_eq!(
+        metric_at(s.addr, "tss_gateway_audit_discontinuities_total").await,
+        1.0
+    );
+    assert_eq!(errors_mentioning(&stderr, "set aside"), 1);
+    stop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_restart_begins_with_a_discontinuity_and_seq_goes_on() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let mut gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "before", 3).await;
+    kill(&gw, "KILL");
+    gw.wait().unwrap();
+    let before = lines(&s.log);
+    let last_seq = json(before.last().unwrap())["seq"].as_u64().unwrap();
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "after", 1).await;
+    stop(gw);
+    let aside = set_aside(&s.log);
+    assert_eq!(aside.len(), 1);
+    assert_eq!(lines(&aside[0]), before);
+    let first = assert_discontinuity(&s.log, &aside[0]);
+    assert_eq!(first["seq"], last_seq + 1);
+    assert_eq!(first["checkpoint"]["found"]["last_seq"], last_seq);
+    // The new file verifies on its own, from its discontinuity checkpoint.
+    let (code, out, _) = verify(&[&s.log], &["--mid-chain"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_checkpoint_is_witnessed_on_stderr_and_in_the_seq_gauge() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "audit_checkpoint_every: 2\naudit_checkpoint_ms: 0\n");
+    let stderr = s.dir.path().join("stderr.log");
+    let gw = spawn_logged(&s.config, s.addr, &stderr, Some("export RUST_LOG=error"));
+    send_n(&s.url, "w", 4).await;
+    let file = lines(&s.log);
+    let last_cp = file
+        .iter()
+        .rev()
+        .map(|l| json(l))
+        .find(|r| r.get("checkpoint").is_some())
+        .unwrap();
+    assert_eq!(
+        metric_at(s.addr, "tss_gateway_audit_seq").await,
+        last_cp["seq"].as_f64().unwrap()
+    );
+    stop(gw);
+    let file = lines(&s.log);
+    let witnesses: Vec<serde_json::Value> = std::fs::read_to_string(&stderr)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("audit_checkpoint").is_some())
+        .collect();
+    let checkpoints = file
+        .iter()
+        .filter(|l| json(l).get("checkpoint").is_some())
+        .count();
+    // start, two intervals, shutdown: each witnessed, whatever the log level.
+    assert_eq!(checkpoints, 4);
+    assert_eq!(witnesses.len(), checkpoints);
+    for w in &witnesses {
+        let seq = w["audit_checkpoint"]["seq"].as_u64().unwrap();
+        let line = &file[seq as usize - 1];
+        assert_eq!(
+            w["audit_checkpoint"]["line_sha256"],
+            sha256_hex(line.as_bytes())
+        );
+        assert_eq!(
+            w["audit_checkpoint"]["signature"],
+            json(line)["checkpoint"]["signature"]
+        );
+        assert_eq!(w["path"], s.log.display().to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_file_and_its_head_are_created_0600_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let stderr = s.dir.path().join("stderr.log");
+    let gw = spawn_logged(&s.config, s.addr, &stderr, Some("umask 000"));
+    send_n(&s.url, "m", 1).await;
+    stop(gw);
+    let head = s.dir.path().join("audit.jsonl.head");
+    for f in [&s.log, &head] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // The head is the shutdown checkpoint, the file's last line.
+    let saved = std::fs::read_to_string(&head).unwrap();
+    assert_eq!(saved.trim_end(), lines(&s.log).last().unwrap());
+    assert_eq!(json(&saved)["checkpoint"]["reason"], "shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_busy_port_leaves_the_saved_head_and_the_chain_untouched() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "one", 2).await;
+    stop(gw);
+    let head = s.dir.path().join("audit.jsonl.head");
+    let saved = std::fs::read(&head).unwrap();
+    let rotated = s.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&s.log, &rotated).unwrap();
+    // The port is taken: the start fails before it opens the audit log.
+    let busy = std::net::TcpListener::bind(s.addr).unwrap();
+    let mut failed = Command::new(BIN)
+        .args(["run", "-c", s.config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = failed.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    drop(busy);
+    assert_eq!(std::fs::read(&head).unwrap(), saved, ".head changed");
+    assert!(!s.log.exists(), "a failed start created the audit log");
+
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "two", 1).await;
+    stop(gw);
+    let new = lines(&s.log);
+    assert_eq!(
+        json(&new[0])["prev"],
+        sha256_hex(lines(&rotated).last().unwrap().as_bytes())
+    );
+    assert!(set_aside(&s.log).is_empty());
+    let (code, out, err) = verify(&[&rotated, &s.log], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+// === a disk that stalls or fails (issue 20 items 3, 4; issue 19 item 5) ===
+
+/// GET `path` on the gateway at `addr`: HTTP status and body, or `None` if no answer within 3 s.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_disk_fails_requests_closed_and_freezes_nothing_else() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "deadline_ms: 1000\n");
+    let gw = spawn_run(&s.config, s.addr);
+    send_n(&s.url, "ok", 1).await;
+    // A FIFO nobody reads stands in for a hung disk: the writer follows the "rotation" to it and
+    // blocks once the pipe's buffer is full.
+    std::fs::remove_file(&s.log).unwrap();
+    let made = Command::new("mkfifo").arg(&s.log).status().unwrap();
+    assert!(made.success());
+    let mut stalled = None;
+    for i in 0..2000 {
+        let reply = send(&s.url, &request("key_sign", &format!("fill-{i}"))).await;
+        if reply.response.status != 0 {
+            stalled = Some(reply);
+            break;
+        }
+    }
+    let reply = stalled.expect("the writer never stalled");
+    // Fails closed, by its deadline (1 s; the writer gets at least 0.5 s after the decision).
+    assert_eq!(reply.response.status, 30, "{:?}", reply.response);
+    assert_eq!(reply.response.action, "REJECT");
+    assert!(
+        reply.response.error.contains("audit log unavailable"),
+        "{}",
+        reply.response.error
+    );
+    assert!(
+        reply.elapsed < Duration::from_secs(5),
+        "{:?}",
+        reply.elapsed
+    );
+    // The admin endpoints answer, and say the gateway is not ready.
+    let (code, body) = get(s.addr, "/healthz").await.expect("/healthz answers");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = get(s.addr, "/metrics").await.expect("/metrics answers");
+    assert_eq!(code, 200);
+    assert!(body.contains("tss_gateway_audit_seq"), "{body}");
+    let (code, body) = get(s.addr, "/readyz").await.expect("/readyz answers");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(json(&body)["ready"], false);
+    assert!(
+        json(&body)["reason"].as_str().unwrap().contains("audit"),
+        "{body}"
+    );
+    // SIGTERM: the process exits 0 within seconds, without its final checkpoint.
+    let started = Instant::now();
+    kill(&gw, "TERM");
+    let mut gw = gw;
+    let status = loop {
+        if let Some(status) = gw.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not stop the gateway"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_new_audit_file_cannot_be_created_requests_fail_and_readyz_says_why() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let gw = Gateway::start(&[entry(&ds, "")], "audit_log: audit.jsonl").await;
+    let log = gw.dir.path().join("audit.jsonl");
+    send_n(&gw.url(), "a", 1).await;
+    let (code, _) = get(gw.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 200);
+    // Rotated away, and a directory where the new file should go.
+    std::fs::rename(&log, gw.dir.path().join("audit.jsonl.1")).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    send(&gw.url(), &request("key_sign", "b-0")).await.expect(
+        30,
+        "REJECT",
+        &["audit log unavailable"],
+    );
+    let (code, body) = get(gw.addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(json(&body)["ready"], false);
+    assert!(
+        json(&body)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("audit.jsonl"),
+        "{body}"
+    );
+    assert!(gw.metric("tss_gateway_audit_write_failures_total") >= 1.0);
+    // Fixed: ready again without any traffic, and approvals are recorded again.
+    std::fs::remove_dir(&log).unwrap();
+    let started = Instant::now();
+    while get(gw.addr, "/readyz").await.unwrap().0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send_n(&gw.url(), "c", 1).await;
+    assert_eq!(request_ids(&[&log]), vec!["c-0".to_owned()]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_part_way_leaves_no_partial_line_and_no_approval_without_its_record() {
+    use std::os::unix::process::CommandExt;
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "audit_checkpoint_ms: 0\naudit_checkpoint_every: 3\n");
+    // Files this process writes may not grow beyond 6,000 bytes: a write crossing it is cut
+    // short, the next fails with EFBIG (the gateway ignores SIGXFSZ).
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c", s.config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            rlimit::setrlimit(rlimit::Resource::FSIZE, 6000, 6000)?;
+            Ok(())
+        });
+    }
+    let gw = cmd.spawn().unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(s.addr).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20), "did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut approved = Vec::new();
+    let mut failed = Vec::new();
+    for i in 0..40 {
+        let id = format!("f-{i}");
+        let reply = send(&s.url, &request("key_sign", &id)).await;
+        if reply.approved() {
+            approved.push(id);
+        } else {
+            assert_eq!(reply.response.status, 30, "{:?}", reply.response);
+            failed.push(id);
+        }
+    }
+    assert!(!failed.is_empty(), "the size limit was never reached");
+    let text = std::fs::read_to_string(&s.log).unwrap();
+    assert!(text.ends_with('\n'), "a partial line was left");
+    for l in text.lines() {
+        json(l);
+    }
+    // Every approval has its record; no answer with status 30 has an APPROVE record.
+    assert_eq!(request_ids(&[&s.log]), approved);
+    let (code, out, _) = verify(&[&s.log], &["--live"]);
+    assert_eq!(code, 0, "{out}");
+    stop(gw);
+}
+
+// === junk and reloads in the chain (issue 19 item 4, issue 19 item 3) ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_tokens_writes_few_lines_and_every_refusal_is_counted() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let s = setup(&ds, "");
+    let gw = spawn_run(&s.config, s.addr);
+    const N: usize = 2000;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let url = s.url.clone();
+            tokio::spawn(async move {
+                for _ in 0..N / 8 {
+                    post_token(&url, "x").await.expect(20, "REJECT", &[]);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Refusals recorded one by one plus those summed up in `refused` records: all of them.
+    let refused = |log: &Path| -> u64 {
+        lines(log)
+            .iter()
+            .map(|l| json(l))
+            .map(|r| {
+                if r["status"] == 20 && r.get("request_id").is_some() {
+                    1
+                } else {
+                    r["refused"]["count"].as_u64().unwrap_or(0)
+                }
+            })
+            .sum()
+    };
+    eventually("the refusals were not all recorded", || {
+        refused(&s.log) == N as u64
+    })
+    .await;
+    let invalid = metric_at(
+        s.addr,
+        "tss_gateway_requests_total{outcome=\"invalid_token\",type=\"unknown\"}",
+    )
+    .await;
+    assert_eq!(invalid, N as f64);
+    stop(gw);
+    let all = lines(&s.log);
+    assert!(all.len() < 200, "{} lines for {N} junk requests", all.len());
+    assert!(all.iter().any(|l| json(l).get("refused").is_some()));
+    let (code, out, err) = verify(&[&s.log], &["--key", keys().gateway.spki.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_loaded_config_is_recorded_and_a_removed_enforcing_server_is_warned_about() {
+    let k = keys();
+    let a = Downstream::start("a", &k.servers[0], always(Answer::approve()), 0).await;
+    let b = Downstream::start("b", &k.servers[1], always(Answer::approve()), 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = |servers: &[common::gateway::Entry<'_>]| {
+        config_yaml(addr, servers, "audit_log: audit.jsonl\n")
+    };
+    std::fs::write(&config, yaml(&[entry(&a, ""), entry(&b, "")])).unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let stderr = dir.path().join("stderr.log");
+    let gw = spawn_logged(&config, addr, &stderr, None);
+    let tmp = dir.path().join("gateway.yaml.tmp");
+    std::fs::write(&tmp, yaml(&[entry(&a, "")])).unwrap();
+    std::fs::rename(&tmp, &config).unwrap();
+    kill(&gw, "HUP");
+    let configs = || -> Vec<serde_json::Value> {
+        lines(&log)
+            .iter()
+            .map(|l| json(l))
+            .filter_map(|r| r.get("config").cloned())
+            .collect()
+    };
+    eventually("no config record for the reload", || configs().len() >= 2).await;
+    stop(gw);
+    let c = configs();
+    assert_eq!(c[0]["reason"], "start");
+    assert_eq!(c[0]["generation"], 1);
+    assert_eq!(c[0]["added"], serde_json::json!(["a", "b"]));
+    assert_eq!(c[0]["servers"][1]["mode"], "enforce");
+    assert_eq!(c[0]["sha256"].as_str().unwrap().len(), 64, "{}", c[0]);
+    let reload = c.last().unwrap();
+    assert!(reload["generation"].as_u64().unwrap() >= 2);
+    assert_eq!(reload["removed"], serde_json::json!(["b"]));
+    assert_eq!(reload["servers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        reload["sha256"],
+        sha256_hex(&std::fs::read(&config).unwrap())
+    );
+    let warned = std::fs::read_to_string(&stderr)
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("\"WARN\"") && l.contains("enforcing") && l.contains("\"b\""));
+    assert!(warned, "no WARN naming b");
+    let (code, out, _) = verify(&[&log], &[]);
+    assert_eq!(code, 0, "{out}");
+}

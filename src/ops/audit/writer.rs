@@ -42,6 +42,7 @@ const REFUSALS_PER_SECOND: u32 = 10;
 pub struct AuditLog {
     shared: Arc<State>,
     tx: SyncSender<Job>,
+    metrics: AuditMetrics,
 }
 
 /// What the handle and the thread both see.
@@ -134,7 +135,7 @@ impl AuditLog {
             shared: shared.clone(),
             chain,
             pending,
-            metrics,
+            metrics: metrics.clone(),
             g: None,
             last_idle: None,
             last_retry: now,
@@ -143,7 +144,11 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(&rx))?;
-        Ok(AuditLog { shared, tx })
+        Ok(AuditLog {
+            shared,
+            tx,
+            metrics,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -163,19 +168,29 @@ impl AuditLog {
         let (reply, answer) = oneshot::channel();
         // Given back before the hand-over: the writer seals as idle once none is pending.
         ticket.finish();
-        self.send(Job::Record {
+        let sent = self.send(Job::Record {
             body,
             g: g.clone(),
             reply: Some(reply),
-        })?;
-        match tokio::time::timeout_at(until, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("the audit writer dropped the record".into()),
-            Err(_) => Err(format!(
-                "{}: not written within the request's deadline (stalled disk?)",
-                self.path().display()
-            )),
+        });
+        let result = match sent {
+            Ok(()) => match tokio::time::timeout_at(until, answer).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_)) => Err("the audit writer dropped the record".to_owned()),
+                Err(_) => Err(format!(
+                    "{}: not written within the request's deadline (stalled disk?)",
+                    self.path().display()
+                )),
+            },
+            Err(e) => Err(e),
+        };
+        // The writer cannot say so itself while it hangs: counted and shown by `/readyz` until
+        // a write succeeds.
+        if let Err(e) = &result {
+            self.metrics.write_failures.inc();
+            *lock(&self.shared.failing) = Some(e.clone());
         }
+        result
     }
 
     /// Whether a status-20 refusal is recorded one by one (else it is summed up in the next
