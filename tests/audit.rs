@@ -1606,3 +1606,27 @@ async fn each_loaded_config_is_recorded_and_a_removed_enforcing_server_is_warned
     let (code, out, _) = verify(&[&log], &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_emptied_in_place_is_simply_used_and_the_chain_goes_on() {
+    let ds = Downstream::start("approver", &keys().servers[0], always(Answer::approve()), 0).await;
+    let gw = Gateway::start(
+        &[entry(&ds, "")],
+        "audit_log: audit.jsonl\naudit_checkpoint_ms: 0",
+    )
+    .await;
+    let log = gw.dir.path().join("audit.jsonl");
+    send_n(&gw.url(), "a", 1).await;
+    let before = lines(&log);
+    // logrotate's `copytruncate`: copied, then emptied in place (same inode).
+    std::fs::File::create(&log).unwrap();
+    send_n(&gw.url(), "b", 1).await;
+    let after = lines(&log);
+    assert_eq!(
+        json(&after[0])["prev"],
+        sha256_hex(before.last().unwrap().as_bytes())
+    );
+    assert!(set_aside(&log).is_empty());
+    assert_eq!(request_ids(&[&log]), vec!["b-0".to_owned()]);
+    gw.stop().await;
+}

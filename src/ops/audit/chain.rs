@@ -242,6 +242,11 @@ impl Chain {
     pub(crate) fn follow(&mut self, signer: &Signer) -> std::io::Result<()> {
         match fs::metadata(&self.path) {
             Ok(m) if file_id(&m) == self.id => {
+                if self.regular && m.len() == 0 {
+                    // Emptied in place (logrotate's `copytruncate`): simply used, like a new file.
+                    self.len = 0;
+                    return Ok(());
+                }
                 if self.regular && m.len() != self.len {
                     let file = self.file.try_clone()?;
                     return self.set_aside(&file, signer);

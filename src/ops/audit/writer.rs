@@ -394,8 +394,16 @@ impl Writer {
             Job::Retire { g } => {
                 self.g = Some(g);
                 self.chain.retired = true;
-                if self.chain.unsealed > 0 {
-                    let _ = self.checkpoint(Seal::Reconfigured);
+                // Sealed and saved as the head, so the file is continued if a later reload
+                // points `audit_log` back here.
+                let result = self.checkpoint(Seal::Reconfigured).and_then(|()| {
+                    self.chain
+                        .sync()
+                        .and_then(|()| self.chain.save_head())
+                        .map_err(|e| self.failed(&e, "cannot save the audit chain head"))
+                });
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "the old audit log was not closed cleanly");
                 }
             }
             Job::Reopen { g } => {
