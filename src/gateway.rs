@@ -1,7 +1,7 @@
 //! What outlives a config generation: the state every request shares (the current generation,
-//! the audit log, metrics, health, the duplicate memory, admission), and the background work that
-//! keeps the audit log sealed.
+//! the audit log, metrics, health, the duplicate memory, admission).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -34,58 +34,61 @@ pub struct Shared {
 // === impl Shared ===
 
 impl Shared {
-    /// Wraps a loaded generation; opens its audit log and sets the config gauges.
+    /// Wraps a loaded generation; opens its audit log (which records the config and a `start`
+    /// checkpoint) and sets the config gauges.
     pub fn new(g: Generation, metrics: Metrics) -> std::io::Result<Arc<Shared>> {
+        let g = Arc::new(g);
+        let pending = Arc::<audit::Pending>::default();
         let audit = match &g.config.audit_log {
-            Some(path) => Some(Arc::new(AuditLog::open(path)?)),
+            Some(path) => Some(Arc::new(AuditLog::open(
+                path,
+                &g.signer,
+                pending.clone(),
+                metrics.audit(),
+            )?)),
             None => None,
         };
         let shared = Shared {
-            current: ArcSwap::from_pointee(g),
-            audit: ArcSwapOption::new(audit),
-            audit_pending: Arc::default(),
+            current: ArcSwap::new(g.clone()),
+            audit: ArcSwapOption::new(audit.clone()),
+            audit_pending: pending,
             metrics,
             health: Health::default(),
             dedup: Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
             admission: Admission::default(),
         };
         shared.set_config_gauges();
+        if let Some(audit) = audit {
+            audit.start(&g, audit::config_record(None, &g, "start"));
+        }
         Ok(Arc::new(shared))
+    }
+
+    /// Opens the audit log a reloaded config names (`g`: the generation being loaded).
+    pub(crate) fn open_audit(&self, path: &Path, g: &Generation) -> std::io::Result<Arc<AuditLog>> {
+        AuditLog::open(
+            path,
+            &g.signer,
+            self.audit_pending.clone(),
+            self.metrics.audit(),
+        )
+        .map(Arc::new)
+    }
+
+    /// Records the generation now current, loaded by a reload from `old` (a `config` record),
+    /// and warns when it checks less than `old` did.
+    pub(crate) fn audit_config(&self, old: &Generation, reason: &str) {
+        let next = self.current.load_full();
+        audit::warn_if_weaker(old, &next);
+        if let Some(audit) = self.audit.load_full() {
+            audit.record(&next, audit::config_record(Some(old), &next, reason));
+        }
     }
 
     /// Moves the audit log to a new file if the open one was renamed or deleted (SIGHUP).
     pub(crate) fn reopen_audit(&self) {
         if let Some(audit) = self.audit.load_full() {
-            if let Err(e) = audit.reopen(&self.current.load().signer) {
-                tracing::error!(path = %audit.path().display(), error = %e, "cannot reopen the audit log");
-            }
-        }
-    }
-
-    /// Seals the audit log when the last pending request ended without a record (a dropped
-    /// connection), and within `audit_checkpoint_ms` under steady load; a record written while
-    /// no other is pending is sealed by [`AuditLog::append`] itself. Runs until the process
-    /// ends.
-    pub(crate) async fn keep_audit_sealed(self: Arc<Self>) {
-        loop {
-            let ms = self.current.load().config.audit_checkpoint_ms;
-            // A quarter of the bound, so a record is sealed at most 1.25 x `ms` after it.
-            let tick = std::time::Duration::from_millis((ms / 4).clamp(10, 1000));
-            tokio::select! {
-                () = self.audit_pending.went_idle() => {}
-                () = tokio::time::sleep(tick) => {}
-            }
-            let Some(audit) = self.audit.load_full() else {
-                continue;
-            };
-            if ms == 0 {
-                continue;
-            }
-            let idle = self.audit_pending.is_idle();
-            let signer = &self.current.load().signer;
-            if let Err(e) = audit.seal_if_due(signer, idle, std::time::Duration::from_millis(ms)) {
-                tracing::error!(path = %audit.path().display(), error = %e, "audit log checkpoint failed");
-            }
+            audit.reopen(&self.current.load_full());
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::body::{form_token, read_body};
 use super::dedup::{self, Lookup};
 use crate::generation::{Audience, Downstream, Generation};
-use crate::ops::audit::{AuditRecord, SealPolicy, Ticket};
+use crate::ops::audit::{AuditRecord, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::outbound::{client, fanout, Outbound};
 use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status};
@@ -91,7 +91,7 @@ pub(crate) async fn check(
     };
     let elapsed = started.elapsed();
     let kind = protocol::type_name(answer.code);
-    audit(&shared, &g, &mut answer, kind, elapsed, ticket);
+    audit(&shared, &g, &mut answer, kind, elapsed, ticket, deadline).await;
     shared
         .metrics
         .requests
@@ -121,19 +121,25 @@ pub(crate) async fn check(
         .into_response()
 }
 
-/// Writes the answer's audit record, if there is an audit log, before the answer is sent. An
-/// answer that cannot be audited is not given as an approval.
-fn audit(
+/// Writes the answer's audit record, if there is an audit log, before the answer is sent,
+/// waiting for it until the request's deadline (at least [`AUDIT_WAIT_MIN`]). An approval whose
+/// record was not written is not given: it becomes status 30. Status-20 refusals
+/// beyond the writer's rate are summed up in a `refused` record instead.
+async fn audit(
     shared: &Shared,
-    g: &Generation,
+    g: &Arc<Generation>,
     answer: &mut Answer,
     kind: &'static str,
     elapsed: Duration,
     ticket: Ticket,
+    deadline: Instant,
 ) {
     let Some(audit) = shared.audit.load_full() else {
         return;
     };
+    if answer.decision.status == Status::InvalidToken && !audit.admit_refusal() {
+        return;
+    }
     let record = AuditRecord {
         ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         request_id: &answer.request_id,
@@ -148,19 +154,17 @@ fn audit(
         duplicate: answer.duplicate,
         request: answer.request.as_ref(),
     };
-    let policy = SealPolicy {
-        every: g.config.audit_checkpoint_every,
-        within: (g.config.audit_checkpoint_ms > 0)
-            .then(|| Duration::from_millis(g.config.audit_checkpoint_ms)),
-    };
-    if let Err(e) = audit.append(&record, &g.signer, policy, ticket) {
-        tracing::error!(path = %audit.path().display(), error = %e, "audit log write failed");
+    let until = deadline.max(Instant::now() + AUDIT_WAIT_MIN);
+    if let Err(e) = audit.append(&record, g, ticket, until).await {
         if answer.decision.is_approval() {
             answer.decision =
                 Decision::reject(Status::InternalError, format!("audit log unavailable: {e}"));
         }
     }
 }
+
+/// A request whose decision used up its deadline still gives the audit writer this long.
+const AUDIT_WAIT_MIN: Duration = Duration::from_millis(500);
 
 /// HTTP 503 with `Retry-After`, unsigned and unread: beyond `max_in_flight`, a signature would
 /// cost as much RSA as the work being shed. The TSS Node retries it as a failed call.

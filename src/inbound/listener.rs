@@ -36,16 +36,18 @@ pub enum ServeError {
     },
 }
 
-/// Loads the config at `path` and serves until SIGTERM/SIGINT.
+/// Loads the config at `path` and serves until SIGTERM/SIGINT. The listeners are bound before
+/// the audit log is opened, so a start that fails (a busy port) leaves the log and its saved
+/// head untouched.
 pub async fn run(path: &Path) -> Result<(), ServeError> {
     let g = Generation::load(path, 1)?;
     raise_open_file_limit(&g);
+    ignore_file_size_signal();
     crate::protocol::signing_pool::start();
     let listen = g.config.listen;
     let admin_listen = g.config.admin_listen;
     let summary = g.summary();
     let warnings = g.warnings.clone();
-    let shared = Shared::new(g, Metrics::new()).map_err(ServeError::Audit)?;
     let listener = bind(listen).map_err(|source| ServeError::Bind {
         addr: listen.to_string(),
         source,
@@ -57,6 +59,7 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
         })?),
         None => None,
     };
+    let shared = Shared::new(g, Metrics::new()).map_err(ServeError::Audit)?;
     let local = listener.local_addr().ok();
     for line in summary.lines() {
         tracing::info!("{}", line.trim());
@@ -68,7 +71,6 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
 
     tokio::spawn(crate::ops::health::run(shared.clone()));
     tokio::spawn(crate::ops::reload::watch(shared.clone(), path.to_owned()));
-    tokio::spawn(shared.clone().keep_audit_sealed());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
         tracing::info!(admin_listen = ?admin.local_addr().ok(), "admin endpoints listening");
@@ -84,13 +86,28 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     serve(listener, shared.clone(), shutdown).await;
 
     if let Some(audit) = shared.audit.load_full() {
-        // A signed checkpoint closes the file, so `audit verify` can tell it was not cut short.
-        if let Err(e) = audit.close(&shared.current.load().signer) {
-            tracing::error!(error = %e, "audit log checkpoint or sync failed at shutdown");
+        // A signed checkpoint closes the file, so `audit verify` can tell it was not cut short;
+        // waited for a couple of seconds at most, so a stalled disk cannot hold the exit.
+        let closed = tokio::task::spawn_blocking(move || audit.close()).await;
+        match closed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit log not closed at shutdown: no final checkpoint or saved head")
+            }
+            Err(e) => tracing::error!(error = %e, "audit log not closed at shutdown"),
         }
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// A write beyond `RLIMIT_FSIZE` then fails with `EFBIG` (and the record's request with status
+/// 30) instead of killing the process with `SIGXFSZ`.
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 /// Serves the operator's endpoints (`/metrics`, `/readyz`, `/healthz`) on `admin_listen`, plain

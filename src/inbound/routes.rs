@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
@@ -47,13 +47,23 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let g = shared.current.load();
-    Json(serde_json::json!({
-        "ready": true,
+    // Read from the audit writer's state, never waiting on the disk.
+    let unready = shared.audit.load().as_ref().and_then(|a| a.unready());
+    let mut body = serde_json::json!({
+        "ready": unready.is_none(),
         "config_generation": g.number,
         "servers": shared.health.report(&g),
-    }))
+    });
+    let status = match unready {
+        Some(reason) => {
+            body["reason"] = reason.into();
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        None => StatusCode::OK,
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

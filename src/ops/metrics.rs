@@ -3,8 +3,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::protocol::RequestType;
@@ -33,6 +33,11 @@ pub struct Metrics {
     pub(crate) config_last_reload_success: Gauge,
     pub(crate) callback_servers: IntGaugeVec,
     pub(crate) build_info: IntGaugeVec,
+    /// `tss_gateway_audit_seq`: `seq` of the last audit checkpoint (a witness outside the
+    /// audit folder).
+    pub(crate) audit_seq: IntGauge,
+    pub(crate) audit_discontinuities: IntCounter,
+    pub(crate) audit_write_failures: IntCounter,
 }
 
 /// Request outcomes (`tss_gateway_requests_total{outcome}`).
@@ -124,6 +129,27 @@ impl Metrics {
                 "Always 1; the version label says which build runs.",
                 &["version"],
             ),
+            audit_seq: register(
+                &r,
+                IntGauge::new(
+                    "tss_gateway_audit_seq",
+                    "seq of the last audit checkpoint written.",
+                ),
+            ),
+            audit_discontinuities: register(
+                &r,
+                IntCounter::new(
+                    "tss_gateway_audit_discontinuities_total",
+                    "Audit files set aside because they were not the gateway's own chain.",
+                ),
+            ),
+            audit_write_failures: register(
+                &r,
+                IntCounter::new(
+                    "tss_gateway_audit_write_failures_total",
+                    "Audit log writes (records or checkpoints) that failed.",
+                ),
+            ),
             registry: r,
         };
         m.start_at_zero();
@@ -176,6 +202,15 @@ impl Metrics {
             self.downstream_duration
                 .with_label_values(&[&v.server])
                 .observe(v.duration.as_secs_f64());
+        }
+    }
+
+    /// The audit writer's handles to its own metrics.
+    pub(crate) fn audit(&self) -> crate::ops::audit::AuditMetrics {
+        crate::ops::audit::AuditMetrics {
+            seq: self.audit_seq.clone(),
+            discontinuities: self.audit_discontinuities.clone(),
+            write_failures: self.audit_write_failures.clone(),
         }
     }
 

@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
 use crate::generation::{Generation, Sources};
-use crate::ops::audit::AuditLog;
 use crate::Shared;
 
 /// File events closer together than this are one change (editors write in several steps).
@@ -63,12 +62,14 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     let next = Generation::reload(path, &old)?;
     let audit = match &next.config.audit_log {
         Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
-        Some(p) => Some(Arc::new(AuditLog::open(p).map_err(|source| {
-            ReloadError::Audit {
-                path: p.clone(),
-                source,
-            }
-        })?)),
+        Some(p) => Some(
+            shared
+                .open_audit(p, &next)
+                .map_err(|source| ReloadError::Audit {
+                    path: p.clone(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     if next.config.listen != old.config.listen {
@@ -101,11 +102,10 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
             .is_some_and(|now| Arc::ptr_eq(now, &before));
         if !same {
             // `audit_log` now names another file (or none): close this one with a checkpoint.
-            if let Err(e) = before.retire(&old.signer) {
-                tracing::error!(path = %before.path().display(), error = %e, "cannot close the old audit log");
-            }
+            before.retire(&shared.current.load_full());
         }
     }
+    shared.audit_config(&old, "reload");
     shared.health.prune_gauges(shared, &removed);
     shared.set_config_gauges();
     Ok(generation)

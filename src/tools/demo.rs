@@ -233,9 +233,7 @@ fn close_and_verify(shared: &Shared, path: &Path, gateway_pub: &Verifier) -> Res
     let lines = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
     println!("\naudit log: {lines} lines appended (one per answer, written before it was sent)");
     if let Some(audit) = shared.audit.load_full() {
-        audit
-            .close(&shared.current.load().signer)
-            .map_err(setup("audit log checkpoint"))?;
+        audit.close().map_err(setup("audit log checkpoint"))?;
     }
     let opts = super::verify::Options {
         pinned: Some(gateway_pub.clone()),

@@ -150,7 +150,9 @@ fn replay_file(
                 line,
                 message: e.to_string(),
             })?;
-        if record.get("checkpoint").is_some() {
+        // Only decision records are replayed; checkpoints, `config`, `refused`, `shadow` and
+        // other kinds are not requests.
+        if record.get("request_id").is_none() || record.get("status").is_none() {
             continue;
         }
         let status = record["status"].as_i64().unwrap_or(-1);

@@ -145,14 +145,14 @@ impl Gateway {
         self.shared.current.load().number
     }
 
-    /// The request records of an `audit_log: audit.jsonl` in the gateway's folder, in order.
+    /// The decision records (top-level `request_id` and `status`) of an `audit_log: audit.jsonl` in the gateway's folder, in order.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            // Checkpoints seal the hash chain; they are not answers.
-            .filter(|r| r.get("checkpoint").is_none())
+            // Checkpoints, config and refusal summaries are not answers.
+            .filter(|r| r.get("request_id").is_some() && r.get("status").is_some())
             .collect()
     }
 
