@@ -87,8 +87,10 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check that audit files, oldest first (rotated ones included), form one unbroken hash
-    /// chain (exit 0 intact, 1 naming the first bad file:line, 2 unreadable).
+    /// chain, signed by the pinned keys and holding every witnessed checkpoint (exit 0 intact,
+    /// 1 naming the first bad file:line or the lowest missing witnessed seq, 2 unreadable).
     Verify {
+        /// Audit files, oldest first (rotated ones included).
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
         /// Accept only checkpoints signed by this gateway public key (PEM); repeat it for the

@@ -43,6 +43,8 @@ pub(super) struct Witnesses {
     by_seq: BTreeMap<(u64, [u8; 32]), At>,
     /// Witnesses below this seq have been compared (or skipped).
     cursor: u64,
+    /// The seq of the lowest witness at or above `cursor`: lines below it need no look-up.
+    pending: Option<u64>,
     /// No line of the files seen yet.
     fresh: bool,
     summary: Witnessed,
@@ -66,6 +68,7 @@ impl Witnesses {
             logs: logs.to_vec(),
             by_seq,
             cursor: 0,
+            pending: Some(0),
             fresh: true,
             summary: Witnessed {
                 highest,
@@ -105,10 +108,18 @@ impl Witnesses {
             self.fresh = false;
             self.summary.skipped = self.by_seq.range(..(seq, [0; 32])).count() as u64;
             self.cursor = seq;
+        } else if self.pending.is_none_or(|p| p > seq) {
+            return Ok(());
         }
         match self.next() {
-            Some((s, _)) if s > seq => return Ok(()),
-            None => return Ok(()),
+            Some((s, _)) if s > seq => {
+                self.pending = Some(s);
+                return Ok(());
+            }
+            None => {
+                self.pending = None;
+                return Ok(());
+            }
             Some((s, at)) if s < seq => return Err(self.missing(s, at, before)),
             Some(_) => {}
         }
@@ -119,6 +130,7 @@ impl Witnesses {
             matched |= &h == hash;
         }
         self.cursor = seq + 1;
+        self.pending = self.next().map(|(s, _)| s);
         match first {
             Some(at) if !matched => Err(Failure::broken(
                 file,
