@@ -76,7 +76,7 @@ pub(super) fn diagnose(
     } else if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
         "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
     } else if discontinuity.is_some() && !chain.fresh {
-        format!("deleted or edited: this discontinuity checkpoint continues from head {}…, not from the last line of the file before it (seq {}): a file between them is missing, or one of them was changed", &prev[..16.min(prev.len())], chain.seq)
+        format!("deleted or edited: this discontinuity checkpoint continues from head {}…, not from the last line of the file before it (seq {}): lines were added to that file after the gateway's last one (it was set aside for that), a file between them is missing, or one of them was changed; verify the file before on its own and this one with --mid-chain", &prev[..16.min(prev.len())], chain.seq)
     } else if successor_next && seq > chain.seq + 1 && !carries_on {
         format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
     } else if successor_next {
