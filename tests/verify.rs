@@ -520,9 +520,59 @@ fn a_discontinuity_checkpoint_is_warned_about_and_chains_only_to_the_head_before
     let (code, out) = verify(&[&known_file, &after_file], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains(&format!("BROKEN {}:1:", after_file.display())),
+        out.contains(&format!(
+            "BROKEN {}:1: deleted or edited: this discontinuity checkpoint continues from head",
+            after_file.display()
+        )),
         "{out}"
     );
+    // The gateway was killed after writing more lines than its saved head: it continues from
+    // that head, an earlier line of the file it set aside. Each part verifies on its own.
+    let mut killed = known.clone();
+    killed.decision("after-head");
+    killed.checkpoint(key, "idle");
+    killed.decision("unsealed");
+    let killed_file = killed.write(d, "killed.jsonl");
+    let mut resumed = known.next_file();
+    resumed.checkpoint_at(key, "discontinuity", Some(found("killed.jsonl", 7)), 8);
+    resumed.checkpoint(key, "shutdown");
+    let resumed_file = resumed.write(d, "resumed.jsonl");
+    // Given together, the unsealed last line of the killed file fails first (not the last
+    // file); without it, the fork is named.
+    let (code, out) = verify(&[&killed_file, &resumed_file], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "BROKEN {}:8: deleted: the file was cut short",
+            killed_file.display()
+        )),
+        "{out}"
+    );
+    let forks = format!(
+        "the chain forks: this discontinuity checkpoint continues from {}:4 (seq 4)",
+        d.join("killed-sealed.jsonl").display()
+    );
+    let sealed_file = write_lines(d, "killed-sealed.jsonl", &killed.lines[..6]);
+    let (code, out) = verify(&[&sealed_file, &resumed_file], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&forks.replace("killed.jsonl", "killed-sealed.jsonl")),
+        "{out}"
+    );
+    // The file after a discontinuity given alone continues a head it does not hold: named,
+    // and verified from there with --mid-chain.
+    let (code, out) = verify(&[&resumed_file], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "BROKEN {}:1: deleted: this file opens with a discontinuity checkpoint",
+            resumed_file.display()
+        )),
+        "{out}"
+    );
+    let (code, out) = verify(&[&resumed_file], &["--mid-chain", "--key", path(&key.spki)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the chain continues here"), "{out}");
 
     // Seq may jump forward only at a discontinuity checkpoint: not at another checkpoint, nor
     // at a discontinuity checkpoint that does not open its file.

@@ -76,7 +76,21 @@ pub(super) fn diagnose(
     } else if lineno == 1 && seq == 1 && prev == hex(&GENESIS) {
         "a new chain starts here (the gateway started on a new, empty file): verify the files before it and from it on separately".into()
     } else if discontinuity.is_some() && !chain.fresh {
-        format!("deleted or edited: this discontinuity checkpoint continues from head {}…, not from the last line of the file before it (seq {}): lines were added to that file after the gateway's last one (it was set aside for that), a file between them is missing, or one of them was changed; verify the file before on its own and this one with --mid-chain", &prev[..16.min(prev.len())], chain.seq)
+        let before = chain.last_file.as_deref();
+        match before.map(|f| find_line(f, prev)).transpose()?.flatten() {
+            Some((line, at)) => format!(
+                "the chain forks: this discontinuity checkpoint continues from {}:{line} (seq {at}), the head the gateway knew, not from that file's last line (seq {}): the lines after it there were set aside (written by a gateway killed before it saved its head, or added by someone else); verify that file on its own (--live) and this one with --mid-chain",
+                before.map_or_else(String::new, |f| f.display().to_string()),
+                chain.seq
+            ),
+            None => format!(
+                "deleted or edited: this discontinuity checkpoint continues from head {}…, which is no line of the file before it (its last is seq {}): a file between them is missing, or one of them was changed",
+                &prev[..16.min(prev.len())],
+                chain.seq
+            ),
+        }
+    } else if discontinuity.is_some() && chain.fresh {
+        format!("deleted: this file opens with a discontinuity checkpoint that continues a chain head from an earlier file (seq {seq} follows it): give the files before it first, or --mid-chain to verify from here")
     } else if successor_next && seq > chain.seq + 1 && !carries_on {
         format!("reordered: seq {seq} comes before seq {}", chain.seq + 1)
     } else if successor_next {
@@ -109,4 +123,29 @@ pub(super) fn diagnose(
         )
     };
     Ok(broken(lineno, why))
+}
+
+/// The line of `file` whose hash is `hash_hex`, and its seq: read again only to explain a
+/// finding, so verification itself keeps no hashes.
+fn find_line(file: &Path, hash_hex: &str) -> Result<Option<(u64, u64)>, Failure> {
+    let unreadable = |error| Failure::unreadable(file, error);
+    let mut reader =
+        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).map_err(unreadable)?);
+    let mut buf = Vec::new();
+    let mut lineno = 0;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).map_err(unreadable)? == 0 {
+            return Ok(None);
+        }
+        lineno += 1;
+        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        if hex(&line_hash(line)) == hash_hex {
+            let seq = serde_json::from_slice::<Line<'_>>(line)
+                .ok()
+                .and_then(|l| l.seq)
+                .unwrap_or(0);
+            return Ok(Some((lineno, seq)));
+        }
+    }
 }

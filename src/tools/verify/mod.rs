@@ -52,6 +52,8 @@ struct Chain {
     summary: Summary,
     /// The last line seen was a checkpoint.
     sealed: bool,
+    /// The file verified before the current one.
+    last_file: Option<PathBuf>,
 }
 
 // === impl Chain ===
@@ -117,11 +119,13 @@ pub fn verify(
             ..Summary::default()
         },
         sealed: true,
+        last_file: None,
     };
     for (i, path) in files.iter().enumerate() {
         let last = i + 1 == files.len();
         verify_file(path, &mut chain, opts, last, &mut witnesses, &mut warn)?;
         chain.summary.files += 1;
+        chain.last_file = Some(path.clone());
     }
     if let Some(w) = witnesses {
         chain.summary.witnessed = Some(w.finish((!chain.fresh).then_some(chain.seq))?);
