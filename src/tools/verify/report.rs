@@ -213,6 +213,11 @@ impl fmt::Display for Summary {
             )?;
         }
         match &self.witnessed {
+            Some(w) if w.matched == 0 => write!(
+                f,
+                "; not witnessed: the {} witnessed checkpoints are all older than these files (their files were not given), so a cut at an earlier checkpoint cannot be detected",
+                w.skipped
+            )?,
             Some(w) => {
                 write!(
                     f,
@@ -282,5 +287,20 @@ mod tests {
             "{witnessed}"
         );
         assert!(!witnessed.contains("not witnessed"), "{witnessed}");
+        let older = Summary {
+            witnessed: Some(Witnessed {
+                matched: 0,
+                highest: 12,
+                skipped: 4,
+            }),
+            ..Summary::default()
+        }
+        .to_string();
+        assert!(
+            older.contains(
+                "not witnessed: the 4 witnessed checkpoints are all older than these files"
+            ),
+            "{older}"
+        );
     }
 }
