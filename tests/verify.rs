@@ -538,12 +538,12 @@ fn a_discontinuity_checkpoint_is_warned_about_and_chains_only_to_the_head_before
     resumed.checkpoint(key, "shutdown");
     let resumed_file = resumed.write(d, "resumed.jsonl");
     // Given together, the unsealed last line of the killed file fails first (not the last
-    // file); without it, the fork is named.
+    // file), said as set aside; without that line, the fork is named.
     let (code, out) = verify(&[&killed_file, &resumed_file], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains(&format!(
-            "BROKEN {}:8: deleted: the file was cut short",
+            "BROKEN {}:8: set aside: the next file opens with a discontinuity checkpoint naming this one",
             killed_file.display()
         )),
         "{out}"

@@ -122,8 +122,8 @@ pub fn verify(
         last_file: None,
     };
     for (i, path) in files.iter().enumerate() {
-        let last = i + 1 == files.len();
-        verify_file(path, &mut chain, opts, last, &mut witnesses, &mut warn)?;
+        let next = files.get(i + 1).map(PathBuf::as_path);
+        verify_file(path, &mut chain, opts, next, &mut witnesses, &mut warn)?;
         chain.summary.files += 1;
         chain.last_file = Some(path.clone());
     }
@@ -143,7 +143,7 @@ fn verify_file(
     path: &Path,
     chain: &mut Chain,
     opts: &Options,
-    last: bool,
+    next: Option<&Path>,
     witnesses: &mut Option<Witnesses>,
     warn: &mut impl FnMut(&str),
 ) -> Result<(), Failure> {
@@ -254,8 +254,13 @@ fn verify_file(
         }
     }
     if lineno > 0 && !chain.sealed {
-        if last && opts.live {
+        if next.is_none() && opts.live {
             chain.summary.unsealed = unsealed_here;
+        } else if next.is_some_and(|n| set_aside_by(n, path)) {
+            return Err(broken(
+                lineno + 1,
+                format!("set aside: the next file opens with a discontinuity checkpoint naming this one, which ends {unsealed_here} record(s) after its last checkpoint (a gateway killed while writing it, or lines someone added): verify it on its own with --live, and the next file with --mid-chain"),
+            ));
         } else {
             return Err(broken(
                 lineno + 1,
@@ -272,4 +277,21 @@ fn next_is_record(reader: &mut impl BufRead) -> std::io::Result<bool> {
     reader.read_until(b'\n', &mut next)?;
     let line = next.strip_suffix(b"\n").unwrap_or(&next);
     Ok(serde_json::from_slice::<Line<'_>>(line).is_ok_and(|l| l.seq.is_some() && l.prev.is_some()))
+}
+
+/// Does `next` open with a discontinuity checkpoint naming `file` as the one it set aside?
+fn set_aside_by(next: &Path, file: &Path) -> bool {
+    let Ok(f) = File::open(next) else {
+        return false;
+    };
+    let mut first = Vec::new();
+    if BufReader::new(f).read_until(b'\n', &mut first).is_err() {
+        return false;
+    }
+    let line = first.strip_suffix(b"\n").unwrap_or(&first);
+    serde_json::from_slice::<Line<'_>>(line).is_ok_and(|l| {
+        l.discontinuity()
+            .and_then(|cp| cp.found.as_ref())
+            .is_some_and(|found| Path::new(&found.file).file_name() == file.file_name())
+    })
 }
