@@ -87,16 +87,23 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check that audit files, oldest first (rotated ones included), form one unbroken hash
-    /// chain (exit 0 intact, 1 naming the first bad file:line, 2 unreadable).
+    /// chain, signed by the pinned keys and holding every witnessed checkpoint (exit 0 intact,
+    /// 1 naming the first bad file:line or the lowest missing witnessed seq, 2 unreadable).
     Verify {
+        /// Audit files, oldest first (rotated ones included).
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
-        /// Accept only checkpoints signed by this gateway public key (PEM; several keys allowed).
-        #[arg(long, value_name = "PUB", conflicts_with = "config")]
-        key: Option<PathBuf>,
-        /// Accept only checkpoints signed by this config's gateway_private_key.
+        /// Accept only checkpoints signed by this gateway public key (PEM); repeat it for the
+        /// old and new keys across a key rotation.
+        #[arg(long, value_name = "PUB")]
+        key: Vec<PathBuf>,
+        /// Accept checkpoints signed by this config's gateway_private_key (with any --key).
         #[arg(short, long, value_name = "CONFIG")]
         config: Option<PathBuf>,
+        /// The gateway's own log (its stderr; repeatable): every checkpoint it witnesses must be
+        /// in the files, so a file cut at an earlier checkpoint is caught.
+        #[arg(long, value_name = "LOG")]
+        witness: Vec<PathBuf>,
         /// The last file is still being written: accept records after its last checkpoint.
         #[arg(long)]
         live: bool,
@@ -154,10 +161,21 @@ fn main() -> ExitCode {
                     files,
                     key,
                     config,
+                    witness,
                     live,
                     mid_chain,
                 },
-        } => audit_verify(&files, key, config, live, mid_chain),
+        } => audit_verify(
+            &files,
+            &key,
+            config,
+            verify::Options {
+                witness,
+                live,
+                mid_chain,
+                ..verify::Options::default()
+            },
+        ),
         Command::Replay { config, audit } => replay(&config, &audit),
         Command::Demo => demo(),
     };
@@ -261,29 +279,24 @@ fn demo() -> Exit {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `audit verify`: exit 0 intact, 1 broken (said on stdout), 2 unreadable.
+/// `audit verify`: exit 0 intact, 1 a finding (said on stdout), 2 unreadable. `opts` come
+/// without the pinned keys, which are loaded here from `keys` and `config`.
 fn audit_verify(
     files: &[PathBuf],
-    key: Option<PathBuf>,
+    keys: &[PathBuf],
     config: Option<PathBuf>,
-    live: bool,
-    mid_chain: bool,
+    mut opts: verify::Options,
 ) -> Exit {
-    let pinned = match (key, config) {
-        (Some(k), _) => Some(Verifier::load(&k).map_err(|e| e.to_string())?),
-        (None, Some(c)) => {
-            let c = Config::load(&c).map_err(|e| e.to_string())?;
-            let signer = Signer::load(&c.gateway_private_key).map_err(|e| e.to_string())?;
-            Some(signer.verifier())
-        }
-        (None, None) => None,
-    };
-    let opts = verify::Options {
-        pinned,
-        live,
-        mid_chain,
-    };
-    match verify::verify(files, &opts) {
+    for k in keys {
+        opts.pinned
+            .push(Verifier::load(k).map_err(|e| e.to_string())?);
+    }
+    if let Some(c) = config {
+        let c = Config::load(&c).map_err(|e| e.to_string())?;
+        let signer = Signer::load(&c.gateway_private_key).map_err(|e| e.to_string())?;
+        opts.pinned.push(signer.verifier());
+    }
+    match verify::verify(files, &opts, |warning| println!("{warning}")) {
         Ok(summary) => {
             println!("{summary}");
             Ok(ExitCode::SUCCESS)

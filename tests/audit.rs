@@ -568,14 +568,14 @@ async fn every_kind_of_tampering_fails_verify_at_the_right_line() {
         "bad checkpoint",
     );
     // Records rewritten and re-chained by someone without the gateway key: their own key signs
-    // the checkpoints, which a pinned verify refuses.
+    // the checkpoints, which a pinned verify refuses as not pinned (tests/verify.rs has more).
     let path = d.join("intact.jsonl");
     let intruder = keys().intruder.spki.to_str().unwrap();
     let (code, out, _) = verify(&[&path], &["--key", intruder]);
     assert_broken(
         (code, out),
         "intact.jsonl:2:",
-        "bad checkpoint: not signed by the pinned gateway key",
+        "checkpoint signed by key sha256:",
     );
     // Unreadable.
     let (code, _, err) = verify(&[&d.join("missing.jsonl")], &[]);

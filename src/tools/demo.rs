@@ -236,10 +236,12 @@ fn close_and_verify(shared: &Shared, path: &Path, gateway_pub: &Verifier) -> Res
         audit.close().map_err(setup("audit log checkpoint"))?;
     }
     let opts = super::verify::Options {
-        pinned: Some(gateway_pub.clone()),
+        pinned: vec![gateway_pub.clone()],
         ..Default::default()
     };
-    match super::verify::verify(std::slice::from_ref(&path.to_owned()), &opts) {
+    match super::verify::verify(std::slice::from_ref(&path.to_owned()), &opts, |w| {
+        println!("{w}")
+    }) {
         Ok(summary) => println!("audit verify: {summary}"),
         Err(failure) => return Err(DemoError::Setup(format!("audit verify: {failure}"))),
     }

@@ -1,0 +1,297 @@
+//! `audit verify`: checks in one streaming pass that audit files, oldest first, form one unbroken
+//! hash chain closed by a valid signed checkpoint, and with `--witness` that the files hold every
+//! checkpoint the gateway's own log witnessed.
+//!
+//! What an intact result proves: every line is the one the gateway wrote, in its order, none
+//! added, removed or changed, up to the last checkpoint; and that checkpoint (and each before it)
+//! was signed by the key it names, or with `--key`/`-c`, by one of the gateway keys given. What
+//! it cannot prove without a witness: that the files were not cut at an earlier checkpoint (what
+//! is left is a valid chain). What it cannot prove at all: anything against whoever holds the
+//! gateway private key (they can rewrite and re-sign the whole chain); records after the last
+//! checkpoint of a log still being written (`--live`) may have been cut off; older files not
+//! given (`--mid-chain`) may be missing.
+
+mod diagnose;
+mod record;
+mod report;
+mod witness;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::ops::audit::{hex, line_hash, parse_hex, GENESIS};
+use crate::protocol::keys::Verifier;
+use record::{check_checkpoint, CheckpointError, Line};
+pub use report::{Failure, Summary, Witnessed};
+use witness::Witnesses;
+
+/// How to verify.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Gateway public keys (old and new across a rotation): every checkpoint must be signed by
+    /// one of them. Empty: by the key it carries (its id is reported).
+    pub pinned: Vec<Verifier>,
+    /// The last file may still be written to: records after its last checkpoint are accepted
+    /// (and counted) instead of being a cut-short file.
+    pub live: bool,
+    /// The first file need not start the chain: its first `prev` is taken as given (older files
+    /// were removed by retention).
+    pub mid_chain: bool,
+    /// The gateway's own logs: each checkpoint they witness must be in the files.
+    pub witness: Vec<PathBuf>,
+}
+
+/// The chain as verified so far.
+struct Chain {
+    head: [u8; 32],
+    seq: u64,
+    /// No line seen yet.
+    fresh: bool,
+    summary: Summary,
+    /// The last line seen was a checkpoint.
+    sealed: bool,
+    /// The file verified before the current one.
+    last_file: Option<PathBuf>,
+}
+
+// === impl Chain ===
+
+impl Chain {
+    /// Takes in a line that chains correctly: a checkpoint is checked and counted, a record
+    /// counted.
+    fn accept(
+        &mut self,
+        parsed: &Line<'_>,
+        (seq, prev): (u64, &str),
+        hash: [u8; 32],
+        unsealed_here: &mut u64,
+        opts: &Options,
+    ) -> Result<(), CheckpointError> {
+        if let Some(cp) = &parsed.checkpoint {
+            let ts = parsed.ts.as_deref().unwrap_or("");
+            check_checkpoint(cp, prev, seq, ts, &opts.pinned)?;
+            self.summary.checkpoints += 1;
+            if !self.summary.keys.iter().any(|k| k == cp.key_id.as_ref()) {
+                self.summary.keys.push(cp.key_id.clone().into_owned());
+            }
+            self.sealed = true;
+            *unsealed_here = 0;
+        } else {
+            self.summary.records += 1;
+            self.summary.decisions += u64::from(parsed.is_decision());
+            self.sealed = false;
+            *unsealed_here += 1;
+            if let Some(ts) = &parsed.ts {
+                if self.summary.first_ts.is_none() {
+                    self.summary.first_ts = Some(ts.clone().into_owned());
+                }
+                self.summary.last_ts = Some(ts.clone().into_owned());
+            }
+        }
+        self.head = hash;
+        self.seq = seq;
+        self.fresh = false;
+        Ok(())
+    }
+}
+
+/// Verifies `files`, oldest first, as one chain; `warn` is told of each discontinuity (a file
+/// the gateway set aside), which does not break the chain.
+pub fn verify(
+    files: &[PathBuf],
+    opts: &Options,
+    mut warn: impl FnMut(&str),
+) -> Result<Summary, Failure> {
+    let started = Instant::now();
+    let mut witnesses = if opts.witness.is_empty() {
+        None
+    } else {
+        Some(Witnesses::read(&opts.witness)?)
+    };
+    let mut chain = Chain {
+        head: GENESIS,
+        seq: 0,
+        fresh: true,
+        summary: Summary {
+            pinned: !opts.pinned.is_empty(),
+            ..Summary::default()
+        },
+        sealed: true,
+        last_file: None,
+    };
+    for (i, path) in files.iter().enumerate() {
+        let next = files.get(i + 1).map(PathBuf::as_path);
+        verify_file(path, &mut chain, opts, next, &mut witnesses, &mut warn)?;
+        chain.summary.files += 1;
+        chain.last_file = Some(path.clone());
+    }
+    if let Some(w) = witnesses {
+        chain.summary.witnessed = Some(w.finish((!chain.fresh).then_some(chain.seq))?);
+    }
+    if chain.summary.pinned && chain.summary.checkpoints == 0 {
+        return Err(Failure::NothingSigned {
+            records: chain.summary.records,
+        });
+    }
+    chain.summary.seconds = started.elapsed().as_secs_f64();
+    Ok(chain.summary)
+}
+
+fn verify_file(
+    path: &Path,
+    chain: &mut Chain,
+    opts: &Options,
+    next: Option<&Path>,
+    witnesses: &mut Option<Witnesses>,
+    warn: &mut impl FnMut(&str),
+) -> Result<(), Failure> {
+    let unreadable = |error| Failure::unreadable(path, error);
+    let broken = |line, why| Failure::broken(path, line, why);
+    let file = File::open(path).map_err(unreadable)?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::with_capacity(4096);
+    let mut lineno = 0u64;
+    let mut unsealed_here = 0u64;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).map_err(unreadable)? == 0 {
+            break;
+        }
+        lineno += 1;
+        chain.summary.bytes += buf.len() as u64;
+        let Some(line) = buf.strip_suffix(b"\n") else {
+            if lineno == 1 && !buf.starts_with(b"{") {
+                return Err(Failure::NotAuditLog {
+                    file: path.to_owned(),
+                });
+            }
+            return Err(broken(
+                lineno,
+                "deleted: incomplete last line (the file was cut inside a record)".into(),
+            ));
+        };
+        let hash = line_hash(line);
+        let parsed = serde_json::from_slice::<Line<'_>>(line);
+        let found = match &parsed {
+            Ok(p) => p.seq.zip(p.prev.as_deref()).map(|record| (p, record)),
+            Err(_) => None,
+        };
+        let Some((parsed, (seq, prev))) = found else {
+            // A first line that is no record, followed by none either: the wrong file.
+            if lineno == 1 && !next_is_record(&mut reader).map_err(unreadable)? {
+                return Err(Failure::NotAuditLog {
+                    file: path.to_owned(),
+                });
+            }
+            return Err(broken(
+                lineno,
+                match parsed {
+                    Err(e) => format!("edited: not a JSON audit record ({e})"),
+                    Ok(_) => "edited: record has no `seq`/`prev`".into(),
+                },
+            ));
+        };
+        // Only the checkpoint that opens a file after a discontinuity may skip seqs forward.
+        let discontinuity = parsed.discontinuity().filter(|_| lineno == 1);
+        let before = (!chain.fresh).then_some(chain.seq);
+        let new_chain = chain.fresh && prev == hex(&GENESIS);
+        if chain.fresh && opts.mid_chain {
+            chain.head = parse_hex(prev)
+                .ok_or_else(|| broken(lineno, "edited: `prev` is not a SHA-256".into()))?;
+            chain.seq = seq.saturating_sub(1);
+        } else if prev != hex(&chain.head) {
+            let mismatch = diagnose::Mismatch {
+                lineno,
+                seq,
+                prev,
+                hash,
+                parsed,
+            };
+            return Err(diagnose::diagnose(
+                &mut reader,
+                path,
+                chain,
+                &mismatch,
+                opts,
+            )?);
+        } else if seq != chain.seq + 1 && !(discontinuity.is_some() && seq > chain.seq) {
+            return Err(broken(
+                lineno,
+                format!("edited: seq {seq} where {} was due", chain.seq + 1),
+            ));
+        }
+        chain
+            .accept(parsed, (seq, prev), hash, &mut unsealed_here, opts)
+            .map_err(|e| match e {
+                CheckpointError::Bad(why) => broken(lineno, format!("bad checkpoint: {why}")),
+                CheckpointError::NotPinned(key_id) => Failure::NotPinned {
+                    file: path.to_owned(),
+                    line: lineno,
+                    key_id,
+                },
+            })?;
+        if let Some(cp) = parsed.discontinuity() {
+            chain.summary.discontinuities += 1;
+            let found = cp.found.as_ref();
+            let n = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            warn(&format!(
+                "WARNING {}:{lineno}: discontinuity: the gateway found a file at its audit path that it could not prove its own and set it aside as {} (last seq {}, {} unsealed lines); {}: verify that file on its own",
+                path.display(),
+                found.map_or("?", |f| f.file.as_str()),
+                n(found.and_then(|f| f.last_seq)),
+                n(found.and_then(|f| f.unsealed_lines)),
+                if new_chain {
+                    "a new chain starts here (the gateway knew no head to continue)"
+                } else {
+                    "the chain continues here from the head the gateway knew"
+                },
+            ));
+        }
+        if let Some(w) = witnesses {
+            w.check(seq, &hash, (path, lineno), before)?;
+        }
+    }
+    if lineno > 0 && !chain.sealed {
+        if next.is_none() && opts.live {
+            chain.summary.unsealed = unsealed_here;
+        } else if next.is_some_and(|n| set_aside_by(n, path)) {
+            return Err(broken(
+                lineno + 1,
+                format!("set aside: the next file opens with a discontinuity checkpoint naming this one, which ends {unsealed_here} record(s) after its last checkpoint (a gateway killed while writing it, or lines someone added): verify it on its own with --live, and the next file with --mid-chain"),
+            ));
+        } else {
+            return Err(broken(
+                lineno + 1,
+                format!("deleted: the file was cut short: it ends {unsealed_here} record(s) after its last checkpoint (or the gateway has not closed it: still running, or killed; --live accepts an open last file)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the next line: is it an audit record (a JSON object with `seq` and `prev`)?
+fn next_is_record(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    let mut next = Vec::new();
+    reader.read_until(b'\n', &mut next)?;
+    let line = next.strip_suffix(b"\n").unwrap_or(&next);
+    Ok(serde_json::from_slice::<Line<'_>>(line).is_ok_and(|l| l.seq.is_some() && l.prev.is_some()))
+}
+
+/// Does `next` open with a discontinuity checkpoint naming `file` as the one it set aside?
+fn set_aside_by(next: &Path, file: &Path) -> bool {
+    let Ok(f) = File::open(next) else {
+        return false;
+    };
+    let mut first = Vec::new();
+    if BufReader::new(f).read_until(b'\n', &mut first).is_err() {
+        return false;
+    }
+    let line = first.strip_suffix(b"\n").unwrap_or(&first);
+    serde_json::from_slice::<Line<'_>>(line).is_ok_and(|l| {
+        l.discontinuity()
+            .and_then(|cp| cp.found.as_ref())
+            .is_some_and(|found| Path::new(&found.file).file_name() == file.file_name())
+    })
+}
