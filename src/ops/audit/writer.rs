@@ -285,7 +285,7 @@ impl AuditLog {
     pub fn unready(&self) -> Option<String> {
         let since = self.shared.busy_since.load(Ordering::Acquire);
         if since > 0 {
-            let busy = self.shared.epoch.elapsed().as_millis() as u64 - since;
+            let busy = (self.shared.epoch.elapsed().as_millis() as u64).saturating_sub(since);
             if busy >= STALL.as_millis() as u64 {
                 return Some(format!(
                     "audit log {}: a write has been stalled for {} ms",
