@@ -407,12 +407,10 @@ impl Writer {
                 }
             }
             Job::Reopen { g } => {
-                self.g = Some(g);
-                if let Some(signer) = self.g.clone() {
-                    if let Err(e) = self.chain.follow(&signer.signer) {
-                        let _ = self.failed(&e, "cannot reopen the audit log");
-                    }
+                if let Err(e) = self.chain.follow(&g.signer) {
+                    let _ = self.failed(&e, "cannot reopen the audit log");
                 }
+                self.g = Some(g);
             }
             Job::Close { reply } => {
                 let _ = reply.send(self.close());
