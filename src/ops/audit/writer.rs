@@ -285,7 +285,7 @@ impl AuditLog {
     pub fn unready(&self) -> Option<String> {
         let since = self.shared.busy_since.load(Ordering::Acquire);
         if since > 0 {
-            let busy = self.shared.epoch.elapsed().as_millis() as u64 - since;
+            let busy = (self.shared.epoch.elapsed().as_millis() as u64).saturating_sub(since);
             if busy >= STALL.as_millis() as u64 {
                 return Some(format!(
                     "audit log {}: a write has been stalled for {} ms",
@@ -407,12 +407,10 @@ impl Writer {
                 }
             }
             Job::Reopen { g } => {
-                self.g = Some(g);
-                if let Some(signer) = self.g.clone() {
-                    if let Err(e) = self.chain.follow(&signer.signer) {
-                        let _ = self.failed(&e, "cannot reopen the audit log");
-                    }
+                if let Err(e) = self.chain.follow(&g.signer) {
+                    let _ = self.failed(&e, "cannot reopen the audit log");
                 }
+                self.g = Some(g);
             }
             Job::Close { reply } => {
                 let _ = reply.send(self.close());
