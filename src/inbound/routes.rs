@@ -49,11 +49,16 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let g = shared.current.load();
-    Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "ready": true,
         "config_generation": g.number,
         "servers": shared.health.report(&g),
-    }))
+    });
+    // The last good config keeps serving, so readiness stays; the operator still sees why.
+    if let Some(e) = shared.reload.error() {
+        body["config_error"] = e.into();
+    }
+    Json(body)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
