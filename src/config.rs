@@ -115,6 +115,11 @@ pub struct Config {
     /// Requests being decided at once; one more is answered at once with HTTP 503.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// A changed config or key file seen by the watcher is loaded only once the bytes of every
+    /// watched file stayed the same this long, so a file written in place is never loaded half
+    /// written. SIGHUP loads at once.
+    #[serde(default = "default_reload_settle_ms")]
+    pub reload_settle_ms: u64,
 }
 
 /// One downstream callback server.
@@ -222,6 +227,9 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_max_in_flight() -> usize {
     1024
+}
+fn default_reload_settle_ms() -> u64 {
+    1000
 }
 /// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
@@ -400,6 +408,9 @@ impl Config {
         }
         if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
             return refuse("max_in_flight", "must be between 1 and 1000000");
+        }
+        if self.reload_settle_ms > 60_000 {
+            return refuse("reload_settle_ms", "must be at most 60000");
         }
         Ok(())
     }

@@ -29,6 +29,8 @@ pub struct Shared {
     pub dedup: Dedup<Arc<Evaluation>>,
     /// Requests being decided, against `max_in_flight`.
     pub admission: Admission,
+    /// Whether the config on disk loads (for `/readyz` and the watcher's retries).
+    pub reload: crate::ops::reload::Status,
 }
 
 // === impl Shared ===
@@ -56,6 +58,7 @@ impl Shared {
             health: Health::default(),
             dedup: Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
             admission: Admission::default(),
+            reload: Default::default(),
         };
         shared.set_config_gauges();
         if let Some(audit) = audit {

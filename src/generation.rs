@@ -332,6 +332,11 @@ impl Generation {
         })
     }
 
+    /// Every file this generation was loaded from: the config, its keys and certificates.
+    pub fn source_files(&self) -> impl Iterator<Item = &Path> {
+        self.sources.paths().map(PathBuf::as_path)
+    }
+
     /// Signs `package` into a token for `to`, with this generation's key for it, `service_name`
     /// and `token_expire_minutes`, on the bounded signing pool. An empty string (which no one
     /// accepts: fail closed) only if the signing job could not run.

@@ -164,7 +164,8 @@ async fn hot_reload_under_load_drops_nothing() {
     let b = ds("b", 1, Answer::approve()).await;
     let c = ds("c", 2, Answer::approve()).await;
     // The audit log says which generation each request ran on and which servers it asked.
-    let audit = "audit_log: audit.jsonl";
+    // A short settle, so an added server is asked within 1 s of the change.
+    let audit = "audit_log: audit.jsonl\nreload_settle_ms: 100";
     let gw = Gateway::start(&[entry(&a, ""), entry(&b, "")], audit).await;
     gw.watch();
     let yaml = |entries: &[Entry<'_>]| config_yaml(gw.addr, entries, audit);
@@ -241,8 +242,14 @@ async fn hot_reload_under_load_drops_nothing() {
     assert!(gw.metric(r#"tss_gateway_config_reloads_total{result="failure"}"#) >= 1.0);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Putting the running config back clears the failure; there is nothing new to load.
     gw.write_config(&yaml(&[entry_at_key(&a, &only_new), entry(&c, "")]));
-    wait_generation(6).await;
+    let started = Instant::now();
+    while gw.metric("tss_gateway_config_reload_failing") != 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "still failing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.generation(), 5);
 
     let results = load.await.unwrap();
     let mut failures = Vec::new();

@@ -350,7 +350,7 @@ async fn a_key_removed_while_a_reload_is_loading_is_not_skipped() {
         pubkey: Some(keyfile.clone()),
         extra: "",
     };
-    let rules = large_rules(900_000);
+    let rules = format!("reload_settle_ms: 150\n{}", large_rules(900_000));
     let gw = Gateway::start(&[e()], &rules).await;
     gw.watch();
     until_status(&gw, 0, "trusted").await;

@@ -63,6 +63,11 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         }
         None => StatusCode::OK,
     };
+    // The last good config keeps serving, so a config that does not load leaves readiness as
+    // it is; the operator still sees why.
+    if let Some(e) = shared.reload.error() {
+        body["config_error"] = e.into();
+    }
     (status, Json(body)).into_response()
 }
 

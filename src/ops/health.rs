@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::generation::{Audience, Generation};
+use crate::generation::{Audience, Downstream, Generation};
 use crate::outbound::{call::call, client, Outbound};
 use crate::protocol::RequestType;
 use crate::verdict::Outcome;
@@ -34,6 +34,8 @@ pub(crate) struct HealthState {
 pub struct Health {
     states: Mutex<HashMap<Arc<str>, HealthState>>,
     seq: AtomicU64,
+    /// Servers a reload removed, until their last call is done.
+    retired: Mutex<Vec<(Arc<str>, Weak<Downstream>)>>,
 }
 
 // === impl Health ===
@@ -105,24 +107,47 @@ impl Health {
         }
     }
 
-    /// Forgets the gauge of servers no longer configured.
-    pub(crate) fn prune_gauges(&self, shared: &Shared, removed: &[Arc<str>]) {
-        for name in removed {
-            let _ = shared.metrics.downstream_up.remove_label_values(&[name]);
+    /// Takes servers a reload removed: their series are deleted once their last call is done
+    /// (see [`Health::forget_retired`]).
+    pub(crate) fn retire(&self, removed: Vec<Arc<Downstream>>) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.extend(removed.iter().map(|d| (d.name.clone(), Arc::downgrade(d))));
+    }
+
+    /// Deletes the series of retired servers nothing uses any more (no call, health check or
+    /// generation holds them), unless the current config has a server of that name again.
+    pub(crate) fn forget_retired(&self, shared: &Shared) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if retired.is_empty() {
+            return;
         }
+        let g = shared.current.load();
+        retired.retain(|(name, d)| {
+            if d.strong_count() > 0 {
+                return true;
+            }
+            if !g.downstreams.iter().any(|n| &n.name == name) {
+                shared.metrics.forget_server(name);
+            }
+            false
+        });
     }
 }
 
-/// Runs health checks until the process ends. The interval is re-read every round, so a reload
-/// that changes it (or turns it off with 0) takes effect at the next round.
+/// Runs health checks until the process ends, and forgets retired servers' series within a
+/// second of their last call. The interval is re-read every round, so a reload that changes it
+/// (or turns it off with 0) takes effect at the next round.
 pub async fn run(shared: Arc<Shared>) {
+    let mut next = Instant::now();
     loop {
+        shared.health.forget_retired(&shared);
         let interval = shared.current.load().config.health_check_interval_ms;
-        if interval == 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
+        if interval != 0 && Instant::now() >= next {
+            shared.health.check_all(&shared).await;
+            next = Instant::now() + Duration::from_millis(interval);
         }
-        shared.health.check_all(&shared).await;
-        tokio::time::sleep(Duration::from_millis(interval)).await;
+        let tick = Instant::now() + Duration::from_secs(1);
+        let wake = if interval == 0 { tick } else { next.min(tick) };
+        tokio::time::sleep_until(wake).await;
     }
 }

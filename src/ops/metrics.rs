@@ -1,7 +1,9 @@
 //! The Prometheus registry and every metric handle, named exactly as CONTRACT.md section 7 says:
 //! dashboards and alerts depend on these names and label values.
 
-use prometheus::core::Collector;
+use std::collections::HashMap;
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -37,7 +39,10 @@ pub struct Metrics {
     /// audit folder).
     pub(crate) audit_seq: IntGauge,
     pub(crate) audit_discontinuities: IntCounter,
+    pub(crate) audit_last_discontinuity: Gauge,
     pub(crate) audit_write_failures: IntCounter,
+    /// 1 while the config on disk differs from the running one and does not load.
+    pub(crate) config_reload_failing: IntGauge,
 }
 
 /// Request outcomes (`tss_gateway_requests_total{outcome}`).
@@ -143,11 +148,25 @@ impl Metrics {
                     "Audit files set aside because they were not the gateway's own chain.",
                 ),
             ),
+            audit_last_discontinuity: register(
+                &r,
+                Gauge::new(
+                    "tss_gateway_audit_last_discontinuity_timestamp_seconds",
+                    "Unix time of the last audit discontinuity (0: none since start-up).",
+                ),
+            ),
             audit_write_failures: register(
                 &r,
                 IntCounter::new(
                     "tss_gateway_audit_write_failures_total",
                     "Audit log writes (records or checkpoints) that failed.",
+                ),
+            ),
+            config_reload_failing: register(
+                &r,
+                IntGauge::new(
+                    "tss_gateway_config_reload_failing",
+                    "1 while the config on disk differs from the running one and does not load (retried with backoff).",
                 ),
             ),
             registry: r,
@@ -192,6 +211,14 @@ impl Metrics {
         self.downstream_slot_wait.with_label_values(&[server]);
     }
 
+    /// Deletes every series of a server that left the config, whatever its other labels.
+    pub(crate) fn forget_server(&self, server: &str) {
+        forget(&self.downstream_requests, server);
+        forget(&self.downstream_duration, server);
+        forget(&self.downstream_up, server);
+        forget(&self.downstream_slot_wait, server);
+    }
+
     /// Counts one finished call in `tss_gateway_downstream_requests_total{server,outcome}` and,
     /// unless it was cancelled (it took no time of its own), its duration.
     pub(crate) fn record_call(&self, v: &Verdict) {
@@ -210,6 +237,7 @@ impl Metrics {
         crate::ops::audit::AuditMetrics {
             seq: self.audit_seq.clone(),
             discontinuities: self.audit_discontinuities.clone(),
+            last_discontinuity: self.audit_last_discontinuity.clone(),
             write_failures: self.audit_write_failures.clone(),
         }
     }
@@ -220,6 +248,22 @@ impl Metrics {
         // Encoding metrics that are registered and well-formed into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Deletes the series of `vec` whose `server` label is `server`.
+fn forget<T: MetricVecBuilder>(vec: &MetricVec<T>, server: &str) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("server") == Some(&server) {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }
 

@@ -4,21 +4,36 @@
 //! Guarantees: a request keeps the generation it started with; a new config that fails to load
 //! changes nothing (the running one stays, the failure is logged and counted); a changed `listen`
 //! is reported as needing a restart, because the socket is bound once.
+//!
+//! The watcher loads a change only once every watched file has kept the same bytes for
+//! `reload_settle_ms`, so a file written in place is never loaded half written. What counts as
+//! seen is what the running generation was loaded from: while the disk differs from it and does
+//! not load, the load is retried with backoff and the failure stays visible
+//! (`tss_gateway_config_reload_failing`, `/readyz` `config_error`, an ERROR line per attempt).
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
+use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError};
-use crate::generation::{Generation, Sources};
+use crate::generation::{Downstream, Generation, Sources};
+use crate::ops::audit::AuditLog;
+use crate::ops::metrics::Metrics;
 use crate::Shared;
 
-/// File events closer together than this are one change (editors write in several steps).
-const SETTLE: Duration = Duration::from_millis(150);
+/// The first retry of a config that did not load; each later one waits twice as long.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two retries.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Symlinks followed when working out which paths lead to a watched file (as the kernel's 40).
+const MAX_LINKS: usize = 40;
 
 /// Why a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +58,7 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
                 .config_reloads
                 .with_label_values(&["success"])
                 .inc();
+            shared.reload.clear(&shared.metrics);
             tracing::info!(generation, reason, "config reloaded");
         }
         Err(e) => {
@@ -51,6 +67,7 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
                 .config_reloads
                 .with_label_values(&["failure"])
                 .inc();
+            shared.reload.fail(&shared.metrics, e.to_string());
             tracing::error!(reason, error = %e, "config reload refused; keeping the running config");
         }
     }
@@ -85,11 +102,11 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     for w in &next.warnings {
         tracing::warn!("{w}");
     }
-    let removed: Vec<Arc<str>> = old
+    let removed: Vec<Arc<Downstream>> = old
         .downstreams
         .iter()
         .filter(|d| !next.downstreams.iter().any(|n| n.name == d.name))
-        .map(|d| d.name.clone())
+        .cloned()
         .collect();
     let generation = next.number;
     shared.current.store(Arc::new(next));
@@ -106,17 +123,55 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
         }
     }
     shared.audit_config(&old, "reload");
-    shared.health.prune_gauges(shared, &removed);
+    // Their series go once their last call is done (see `Health::retire`).
+    shared.health.retire(removed);
     shared.set_config_gauges();
     Ok(generation)
 }
 
-/// The files a config depends on: itself and every key and certificate it names.
-fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
+/// How the config on disk stands against the running generation: the refusal of the last
+/// attempt while the disk holds a config that does not load.
+#[derive(Debug, Default)]
+pub struct Status {
+    error: Mutex<Option<String>>,
+    /// Times the watcher read and hashed the watched files.
+    disk_reads: AtomicU64,
+}
+
+// === impl Status ===
+
+impl Status {
+    /// Why the config on disk does not load, while it does not (for `/readyz`).
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many times the watcher has read and hashed every watched file: a debugging aid, and
+    /// how tests see that writes to other files cost nothing.
+    pub fn disk_reads(&self) -> u64 {
+        self.disk_reads.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, metrics: &Metrics, error: String) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        metrics.config_reload_failing.set(1);
+    }
+
+    fn clear(&self, metrics: &Metrics) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        metrics.config_reload_failing.set(0);
+    }
+}
+
+/// The files the config at `path` depends on: itself and every key and certificate it names
+/// (`audit_log` is written, not read, and is not one of them). A config that does not parse
+/// names nothing but itself.
+pub fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
     let mut files = BTreeSet::from([path.to_owned()]);
     if let Ok(c) = Config::load(path) {
         files.insert(c.tss_node_public_key);
         files.insert(c.gateway_private_key);
+        files.extend(c.downstream_signing_key);
         if let Some(t) = c.tls {
             files.extend([t.cert, t.key]);
         }
@@ -132,75 +187,213 @@ fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
     files
 }
 
-/// Reloads one generation after another while the files on disk differ from what the last one
-/// was loaded from (a write that landed mid-load), a few times at most; later writes are file
-/// events of their own. Returns the files to watch and what they held when last loaded.
-fn reload_until_current(shared: &Shared, path: &Path, reason: &str, before: &Sources) -> Sources {
-    let mut reason = reason;
-    for _ in 0..5 {
-        if reload(shared, path, reason).is_err() {
-            // Nothing was loaded. What the files held before this attempt is what counts as
-            // seen, so a fix written meanwhile is still a change; files the refused config newly
-            // names are taken as they are now.
-            let files = watched_files(path);
-            let now = Sources::on_disk(&files);
-            return Sources::from_iter(files.iter().map(|f| {
-                (
-                    f.clone(),
-                    before.get(f).unwrap_or_else(|| now.get(f).flatten()),
-                )
-            }));
-        }
-        let loaded = shared.current.load().sources.clone();
-        if Sources::on_disk(loaded.paths()) == loaded {
-            return loaded;
-        }
-        reason = "file changed while loading";
+/// What the watcher follows: the files the running generation was loaded from and those the
+/// config on disk names; every path whose change can change what they read (the files, and each
+/// symlink on the way to them: a ConfigMap update swaps `..data`); the folders holding those.
+#[derive(Debug, Default)]
+struct Watched {
+    files: BTreeSet<PathBuf>,
+    paths: HashSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+// === impl Watched ===
+
+impl Watched {
+    fn of(shared: &Shared, config: &Path) -> Watched {
+        let mut files: BTreeSet<PathBuf> = shared.current.load().sources.paths().cloned().collect();
+        files.extend(watched_files(config));
+        let paths: HashSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| std::path::absolute(f).ok())
+            .flat_map(|f| resolution(&f))
+            .collect();
+        let dirs = paths
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_owned))
+            .collect();
+        Watched { files, paths, dirs }
     }
-    shared.current.load().sources.clone()
+
+    /// Whether `event` may have changed a watched file. An error or a lost-events notice may
+    /// hide anything, so it counts.
+    fn concerns(&self, event: &notify::Result<notify::Event>) -> bool {
+        match event {
+            Err(_) => true,
+            Ok(e) if e.need_rescan() => true,
+            Ok(e) => !e.kind.is_access() && e.paths.iter().any(|p| self.paths.contains(p)),
+        }
+    }
+
+    /// What the watched files hold now.
+    fn read(&self, status: &Status) -> Sources {
+        status.disk_reads.fetch_add(1, Ordering::Relaxed);
+        Sources::on_disk(&self.files)
+    }
+}
+
+/// `file`, each symlink met on the way to what it names, and what it finally names.
+fn resolution(file: &Path) -> Vec<PathBuf> {
+    let mut out = vec![file.to_owned()];
+    let mut path = file.to_owned();
+    for _ in 0..MAX_LINKS {
+        let Some((link, target)) = first_link(&path) else {
+            break;
+        };
+        out.push(link);
+        path = target;
+    }
+    out.push(path);
+    out
+}
+
+/// The first component of `path` that is a symlink, and `path` with it replaced by its target.
+fn first_link(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut prefix = PathBuf::new();
+    let mut rest = path.components();
+    while let Some(c) = rest.next() {
+        prefix.push(c);
+        let is_link = matches!(c, Component::Normal(_))
+            && prefix
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink());
+        if is_link {
+            let target = std::fs::read_link(&prefix).ok()?;
+            let base = prefix.parent().unwrap_or(Path::new("/"));
+            // Nothing before `prefix` is a symlink, so `..` can be resolved by name.
+            let resolved = lexical(&base.join(target).join(rest.as_path()));
+            return Some((prefix, resolved));
+        }
+    }
+    None
+}
+
+/// `path` with `.` and `..` resolved by name, as inotify reports paths.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether the disk differs from what the running generation was loaded from.
+fn differs(loaded: &Sources, disk: &Sources) -> bool {
+    loaded.paths().any(|p| disk.get(p) != loaded.get(p))
+}
+
+/// What woke the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Hangup,
+    Change,
+    Retry,
+}
+
+/// How waiting for the files to settle ended.
+enum Settled {
+    /// Every watched file kept these bytes for `reload_settle_ms`.
+    Disk(Sources),
+    /// SIGHUP came first: load at once.
+    Hangup,
+}
+
+/// The next SIGHUP; never, if it cannot be listened for.
+async fn hangup(hup: &mut Option<Signal>) {
+    match hup.as_mut() {
+        Some(h) => {
+            if h.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until the watched files keep the same bytes for `reload_settle_ms` (the running
+/// config's), restarting the wait on any difference. The config may name other files by then,
+/// so `watched` is brought up to date before each reading.
+async fn settle(
+    shared: &Shared,
+    path: &Path,
+    events: &mut mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    hup: &mut Option<Signal>,
+    watched: &mut Watched,
+) -> Settled {
+    *watched = Watched::of(shared, path);
+    let mut before = watched.read(&shared.reload);
+    loop {
+        let wait = Duration::from_millis(shared.current.load().config.reload_settle_ms);
+        tokio::select! {
+            () = hangup(hup) => return Settled::Hangup,
+            () = tokio::time::sleep(wait) => {}
+        }
+        // Events so far are covered by the reading below; later ones wake the watcher again.
+        while events.try_recv().is_ok() {}
+        *watched = Watched::of(shared, path);
+        let now = watched.read(&shared.reload);
+        if now == before {
+            return Settled::Disk(now);
+        }
+        before = now;
+    }
+}
+
+/// Watches the folders of `watched` (and stops watching those no longer needed). A folder that
+/// cannot be watched (not there yet) is tried again next time; retries cover it meanwhile.
+fn follow(
+    watcher: &mut Option<notify::RecommendedWatcher>,
+    watched: &Watched,
+    dirs: &mut BTreeSet<PathBuf>,
+) {
+    let Some(w) = watcher else { return };
+    for d in dirs.difference(&watched.dirs) {
+        let _ = w.unwatch(d);
+    }
+    dirs.retain(|d| watched.dirs.contains(d));
+    for d in &watched.dirs {
+        if dirs.contains(d) {
+            continue;
+        }
+        match w.watch(d, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                dirs.insert(d.clone());
+            }
+            Err(e) if d.exists() => {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+            }
+            Err(e) => {
+                tracing::debug!(dir = %d.display(), error = %e, "directory not there to watch")
+            }
+        }
+    }
 }
 
 /// Reloads on SIGHUP and on changes to the config or its key files, until the process ends.
 ///
 /// Directories are watched rather than files so that editors that replace a file, and
-/// Kubernetes ConfigMap updates (a symlink swap of `..data`), are seen.
+/// Kubernetes ConfigMap updates (a symlink swap of `..data`), are seen; events on other files
+/// in them are ignored.
 pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watcher_tx = tx.clone();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                let _ = watcher_tx.send(());
-            }
-        }) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP");
-                None
-            }
-        };
-    // The running generation's sources: a change made since it was loaded is a change.
-    let mut seen = shared.current.load().sources.clone();
-    let mut dirs = BTreeSet::new();
-    let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>,
-                      files: &Sources,
-                      dirs: &mut BTreeSet<PathBuf>| {
-        let Some(w) = watcher else { return };
-        let wanted: BTreeSet<PathBuf> = files
-            .paths()
-            .filter_map(|f| f.parent().map(Path::to_owned))
-            .collect();
-        for d in dirs.difference(&wanted) {
-            let _ = w.unwatch(d);
+    let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = match notify::recommended_watcher(move |event| {
+        let _ = tx.send(event);
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file watching unavailable; reload with SIGHUP");
+            None
         }
-        for d in wanted.difference(dirs) {
-            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
-            }
-        }
-        *dirs = wanted;
     };
-    watch_dirs(&mut watcher, &seen, &mut dirs);
+    let mut watched = Watched::of(&shared, &path);
+    let mut dirs = BTreeSet::new();
+    follow(&mut watcher, &watched, &mut dirs);
 
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -209,26 +402,57 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
             None
         }
     };
+    // The next retry of a config that did not load, and the wait before it.
+    let mut retry: Option<(Instant, Duration)> = None;
     loop {
-        let forced = tokio::select! {
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
-            Some(()) = rx.recv() => false,
+        let wake = tokio::select! {
+            () = hangup(&mut hup) => Wake::Hangup,
+            Some(event) = rx.recv() => {
+                if !watched.concerns(&event) {
+                    continue;
+                }
+                Wake::Change
+            }
+            () = async {
+                match retry {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Wake::Retry,
         };
-        // Let a burst of writes settle, then drain the events it caused.
-        tokio::time::sleep(SETTLE).await;
-        while rx.try_recv().is_ok() {}
-        let current = Sources::on_disk(seen.paths());
-        if !forced && current == seen {
-            continue;
-        }
-        let reason = if forced { "SIGHUP" } else { "file change" };
-        // Follow the files the new config names, whether or not it loaded, so fixing a key file
-        // named by a refused config also triggers a reload.
-        seen = reload_until_current(&shared, &path, reason, &current);
+        let forced = wake == Wake::Hangup
+            || match settle(&shared, &path, &mut rx, &mut hup, &mut watched).await {
+                Settled::Hangup => true,
+                Settled::Disk(disk) => {
+                    if !differs(&shared.current.load().sources, &disk) {
+                        // The disk holds what runs (a broken file was put back): nothing to load.
+                        shared.reload.clear(&shared.metrics);
+                        retry = None;
+                        follow(&mut watcher, &watched, &mut dirs);
+                        continue;
+                    }
+                    false
+                }
+            };
+        let reason = match (forced, wake) {
+            (true, _) => "SIGHUP",
+            (false, Wake::Retry) => "retry after a refused reload",
+            (false, _) => "file change",
+        };
+        let loaded = reload(&shared, &path, reason).is_ok();
         if forced {
             // SIGHUP is also logrotate's way to say the audit file was moved.
             shared.reopen_audit();
         }
-        watch_dirs(&mut watcher, &seen, &mut dirs);
+        retry = match (loaded, retry) {
+            (true, _) => None,
+            (false, Some((_, wait))) if wake == Wake::Retry && !forced => {
+                let wait = (wait * 2).min(MAX_RETRY);
+                Some((Instant::now() + wait, wait))
+            }
+            (false, _) => Some((Instant::now() + FIRST_RETRY, FIRST_RETRY)),
+        };
+        watched = Watched::of(&shared, &path);
+        follow(&mut watcher, &watched, &mut dirs);
     }
 }

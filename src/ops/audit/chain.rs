@@ -214,6 +214,11 @@ impl Chain {
             "audit log at the path is not this gateway's chain (it does not end with the head the gateway knows, or holds lines it did not write): set aside, not continued; a new file begins with a discontinuity checkpoint"
         );
         self.metrics.discontinuities.inc();
+        self.metrics.last_discontinuity.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let next = open_file(&self.path)?;
         let meta = next.metadata()?;
         self.file = next;

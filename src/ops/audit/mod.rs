@@ -59,6 +59,9 @@ const CHECKPOINT_CONTEXT: &str = "tss-callback-gateway audit checkpoint v1";
 pub(crate) struct AuditMetrics {
     pub(crate) seq: prometheus::IntGauge,
     pub(crate) discontinuities: prometheus::IntCounter,
+    /// Unix time of the last discontinuity: the alert fires for a day after one, whenever it
+    /// happened (a counter found at 1 on the first scrape after a restart shows no increase).
+    pub(crate) last_discontinuity: prometheus::Gauge,
     pub(crate) write_failures: prometheus::IntCounter,
 }
 
