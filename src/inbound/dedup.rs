@@ -488,10 +488,9 @@ mod tests {
             remember(&d, &format!("old{i}"), TTL, 0).await;
         }
         // Being decided, with the memory full.
-        let first = d.run("new", 1, digest(b"x"), TTL, definitive, || async {
+        let mut first = Box::pin(d.run("new", 1, digest(b"x"), TTL, definitive, || async {
             std::future::pending::<i64>().await
-        });
-        tokio::pin!(first);
+        }));
         tokio::select! {
             biased;
             _ = &mut first => unreachable!(),
@@ -502,7 +501,9 @@ mod tests {
                 .await,
             Lookup::Conflict
         ));
+        // Its caller hangs up: the entry goes.
         drop(first);
+        assert_eq!(d.len(), 2);
         for i in 0..10 {
             remember(&d, &format!("later{i}"), TTL, 0).await;
             assert!(d.len() <= 3);

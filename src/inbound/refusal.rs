@@ -128,3 +128,55 @@ async fn presign(text: &'static str, s: &Signing) -> Presigned {
         renewing: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::keys::{self, Verifier};
+
+    /// Same token while fresh; a new one (later `exp`) once half its lifetime has passed, signed
+    /// in the background while the old one is still handed out; never an expired one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_are_reused_then_renewed_and_never_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = keys::generate(dir.path(), "gw").unwrap();
+        let verifier = Verifier::load(&files.public).unwrap();
+        let signing = Signing {
+            signer: Signer::load(&files.private).unwrap(),
+            iss: "gw".into(),
+            expire_secs: 4,
+        };
+        let refusals = Refusals::default();
+        let get = || refusals.token(EXPIRED, || signing.clone());
+        let first = get().await;
+        assert!(!first.is_empty());
+        for _ in 0..20 {
+            assert_eq!(get().await, first);
+        }
+        let claims = |t: &str| protocol::verify_token(t, &verifier, protocol::now_secs()).unwrap();
+        let answer: CallbackResponse = serde_json::from_slice(
+            &protocol::decode_package(&claims(&first).package_data).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            answer,
+            CallbackResponse::new("", Status::InvalidToken, Action::Reject, EXPIRED.into())
+        );
+        let first_exp = claims(&first).exp;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let mut renewed = None;
+        for _ in 0..300 {
+            let t = get().await;
+            // Whatever is handed out verifies and has not expired.
+            let exp = claims(&t).exp;
+            if t != first {
+                assert!(exp > first_exp);
+                renewed = Some(t);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let renewed = renewed.expect("renewed after half its lifetime");
+        assert_eq!(get().await, renewed);
+    }
+}
