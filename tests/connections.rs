@@ -156,6 +156,40 @@ async fn read_timeout_counts_from_the_first_byte_not_the_idle_time_before() {
     gw.stop().await;
 }
 
+/// A caller that asks for `100 Continue` gets it, and its body is still timed from the
+/// request's first byte: the interim answer is not the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_after_100_continue_is_closed_at_read_timeout() {
+    let a = Downstream::start("a", &keys().servers[0], always(Answer::approve()), 0).await;
+    let gw = Gateway::start(&[entry(&a, "")], "read_timeout_ms: 1000").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(b"POST /v2/check HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut interim))
+        .await
+        .expect("100 Continue")
+        .unwrap();
+    assert!(
+        interim[..n].starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        &interim[..n]
+    );
+    s.write_all(b"TSS_JWT_MSG=").await.unwrap();
+    let (answer, closed) = read_until_closed(&mut s, started, Duration::from_secs(30)).await;
+    let closed = closed.expect("never closed");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(15),
+        "{closed:?}"
+    );
+    until("counted", || gw.metric(READ_TIMEOUT) == 1.0).await;
+    assert_eq!(a.calls(), 0);
+    gw.stop().await;
+}
+
 /// `allowed_clients`: a peer outside every block is closed at accept, before any HTTP, and
 /// counted; a peer inside one is served. IPv4 and IPv6 blocks mix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,11 @@
 //! `read_timeout_ms`.
 //!
 //! Guarantees: a request's clock starts at its first byte (for a new connection, at accept), so
-//! the idle time of a kept-alive connection between two requests does not count; once the
-//! handler has read the body ([`Conn::body_read`]) the request is no longer timed (deciding it
-//! is bounded by `deadline_ms` instead); a connection whose request is late is closed unanswered,
-//! which drops its handler and everything it holds.
+//! the idle time of a kept-alive connection between two requests does not count, nor does a
+//! `100 Continue` going out; once the body has been read to its end or given up on, by whatever
+//! route ([`Watched`], or the handler saying so with [`Conn::body_read`]), the request is no
+//! longer timed (deciding it is bounded by `deadline_ms` instead); a connection whose request is
+//! late is closed unanswered, which drops its handler and everything it holds.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +38,15 @@ pub(crate) struct Conn {
 /// A request's handle on its connection, as a request extension.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnRef(pub(crate) Arc<Conn>);
+
+/// A request's body, telling [`Conn`] when it has been read to its end, or given up on (dropped),
+/// whichever route handles it: only the reading of a request is timed.
+pub(crate) struct Watched<B> {
+    inner: B,
+    conn: Arc<Conn>,
+    /// The request this body belongs to (see [`Conn::requests`]).
+    request: u64,
+}
 
 /// The connection's stream, telling [`Conn`] when a request begins (its first byte after a
 /// response) and when a response is written.
@@ -70,6 +80,18 @@ impl Conn {
         self.read.store(true, Ordering::Release);
     }
 
+    /// Wraps the body of the request being read now.
+    pub(crate) fn watch<B: hyper::body::Body>(self: &Arc<Self>, body: B) -> Watched<B> {
+        if body.is_end_stream() {
+            self.body_read();
+        }
+        Watched {
+            inner: body,
+            conn: self.clone(),
+            request: self.requests.load(Ordering::Acquire),
+        }
+    }
+
     /// Whether bytes of a request are awaited: it began and its body is not read yet.
     fn awaiting(&self) -> bool {
         !self.between.load(Ordering::Acquire) && !self.read.load(Ordering::Acquire)
@@ -98,6 +120,46 @@ impl Conn {
                 return;
             }
         }
+    }
+}
+
+// === impl Watched ===
+
+impl<B> Watched<B> {
+    fn done(&self) {
+        if self.conn.requests.load(Ordering::Acquire) == self.request {
+            self.conn.body_read();
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.done();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 
@@ -134,7 +196,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) && !informational(buf) {
             self.conn.between.store(true, Ordering::Release);
         }
         polled
@@ -146,7 +208,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) && !informational(first) {
             self.conn.between.store(true, Ordering::Release);
         }
         polled
@@ -163,4 +229,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// A `100 Continue` going out is not the response: the body it asks for is still timed.
+fn informational(written: &[u8]) -> bool {
+    written.starts_with(b"HTTP/1.1 1") || written.starts_with(b"HTTP/1.0 1")
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -333,9 +334,10 @@ where
     http.timer(TokioTimer::new())
         .header_read_timeout(read_timeout.max(HEADER_READ_TIMEOUT))
         .keep_alive(true);
-    let tagged = ConnRef(conn.clone());
-    let per_request = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-        req.extensions_mut().insert(tagged.clone());
+    let tagged = conn.clone();
+    let per_request = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let mut req = req.map(|body| tagged.watch(body));
+        req.extensions_mut().insert(ConnRef(tagged.clone()));
         hyper::service::Service::call(&service, req)
     });
     let io = TokioIo::new(Timed::new(stream, conn.clone()));
