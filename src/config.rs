@@ -120,6 +120,21 @@ pub struct Config {
     /// written. SIGHUP loads at once.
     #[serde(default = "default_reload_settle_ms")]
     pub reload_settle_ms: u64,
+    /// From a request's first byte, its headers and body must arrive within this, else the
+    /// connection is closed; a request holds no `max_in_flight` slot until its body is read.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// CIDR blocks (or single addresses) that may connect to `listen`; others are closed at
+    /// accept, before TLS or HTTP. Absent: any peer. As written; see [`Config::allowed_nets`].
+    #[serde(default)]
+    pub allowed_clients: Option<Vec<String>>,
+    /// `allowed_clients` parsed, filled in by [`Config::parse`].
+    #[serde(skip)]
+    pub(crate) allowed_nets: Option<Vec<ipnet::IpNet>>,
+    /// Connections open on `listen` at once; beyond it a new one is closed at accept. Default
+    /// [`Config::max_connections`]: 4 x `max_in_flight`, at least 1024.
+    #[serde(default, rename = "max_connections")]
+    max_connections_written: Option<usize>,
 }
 
 /// One downstream callback server.
@@ -231,6 +246,9 @@ fn default_max_in_flight() -> usize {
 fn default_reload_settle_ms() -> u64 {
     1000
 }
+fn default_read_timeout_ms() -> u64 {
+    2000
+}
 /// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 fn default_retries() -> u32 {
@@ -322,7 +340,30 @@ impl Config {
                 .unwrap_or(DEFAULT_TIMEOUT_MS.min(deadline_ms));
         }
         config.validate(path)?;
+        config.allowed_nets = config
+            .allowed_clients
+            .as_ref()
+            .map(|list| list.iter().filter_map(|c| parse_net(c).ok()).collect());
         Ok(config)
+    }
+
+    /// Connections `listen` keeps open at once: `max_connections`, else 4 x `max_in_flight`
+    /// and at least 1024 (idle keep-alive connections and slow callers beside the requests
+    /// being decided).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections_written
+            .unwrap_or_else(|| self.max_in_flight.saturating_mul(4).max(1024))
+    }
+
+    /// Whether `peer` may connect to `listen` (`allowed_clients`).
+    pub(crate) fn allows(&self, peer: std::net::IpAddr) -> bool {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.allowed_nets
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&peer)))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -412,6 +453,18 @@ impl Config {
         if self.reload_settle_ms > 60_000 {
             return refuse("reload_settle_ms", "must be at most 60000");
         }
+        if self.read_timeout_ms == 0 || self.read_timeout_ms > 600_000 {
+            return refuse("read_timeout_ms", "must be between 1 and 600000");
+        }
+        if self
+            .max_connections_written
+            .is_some_and(|n| n == 0 || n > 4_000_000)
+        {
+            return refuse("max_connections", "must be between 1 and 4000000");
+        }
+        for (i, c) in self.allowed_clients.iter().flatten().enumerate() {
+            parse_net(c).map_err(|e| (format!("allowed_clients[{i}]"), format!("{c:?}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -435,6 +488,20 @@ impl Config {
                     .any(|s| s.mode == Mode::Enforce && s.subscribes(t))
             })
             .collect()
+    }
+}
+
+/// One `allowed_clients` entry: a CIDR block (`10.1.2.0/24`, `fd00::/8`) or a single address.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    if text.contains('/') {
+        text.parse::<ipnet::IpNet>()
+            .map(|n| n.trunc())
+            .map_err(|_| "not a CIDR block (like 10.1.2.0/24 or fd00::/8)".into())
+    } else {
+        text.parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| "not an IP address or CIDR block".into())
     }
 }
 
@@ -554,6 +621,9 @@ gateway_private_key: /abs/gw.pem
         assert_eq!(c.deadline_ms, 8000);
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.max_in_flight, 1024);
+        assert_eq!(c.read_timeout_ms, 2000);
+        assert_eq!(c.max_connections(), 4096);
+        assert!(c.allows("203.0.113.9".parse().unwrap()));
         assert_eq!(
             c.tss_node_public_key,
             PathBuf::from("/etc/gw/keys/node.pub")
@@ -613,6 +683,25 @@ gateway_private_key: /abs/gw.pem
                 "max_in_flight",
             ),
             (with_server("    max_concurrent: -1\n"), "max_concurrent"),
+            (
+                format!("{}read_timeout_ms: 0\n", with_server("")),
+                "read_timeout_ms",
+            ),
+            (
+                format!("{}max_connections: 0\n", with_server("")),
+                "max_connections",
+            ),
+            (
+                format!(
+                    "{}allowed_clients: [10.0.0.0/8, 10.0.0.0/33]\n",
+                    with_server("")
+                ),
+                "allowed_clients[1]",
+            ),
+            (
+                format!("{}allowed_clients: [\"::1\", somewhere]\n", with_server("")),
+                "allowed_clients[1]",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = parse(yaml).expect_err(needle);
@@ -620,6 +709,28 @@ gateway_private_key: /abs/gw.pem
             assert!(!err.contains('\n'), "multi-line error {err:?}");
             assert!(err.starts_with("config /etc/gw/config.yaml"), "{err}");
         }
+    }
+
+    #[test]
+    fn allowed_clients_match_v4_v6_and_mapped_peers() {
+        let c = parse(&format!(
+            "{}allowed_clients: [10.1.2.0/24, \"fd00::/8\", 192.0.2.7]\nmax_in_flight: 10\n",
+            with_server("")
+        ))
+        .unwrap();
+        for (peer, allowed) in [
+            ("10.1.2.200", true),
+            ("10.1.3.1", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("fd12::1", true),
+            ("fe80::1", false),
+            ("::ffff:10.1.2.3", true),
+            ("127.0.0.1", false),
+        ] {
+            assert_eq!(c.allows(peer.parse().unwrap()), allowed, "{peer}");
+        }
+        assert_eq!(c.max_connections(), 1024);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Downstream {
     pub(crate) client: reqwest::Client,
     /// `max_concurrent` call slots; `None` = no limit.
     pub(crate) slots: Option<Arc<crate::inbound::admission::Slots>>,
+    /// Shadow calls in flight to this server, kept across reloads under the same name, so the
+    /// cap on them (see [`crate::outbound::fanout`]) counts the calls of older generations too.
+    pub(crate) shadows: Arc<crate::inbound::admission::Admission>,
 }
 
 /// Whom a token is for, which decides the key that signs it.
@@ -72,8 +75,12 @@ impl Downstream {
                 || crate::inbound::admission::Slots::new(s.max_concurrent),
                 |d| d.slots.clone(),
             );
+        let shadows = before()
+            .find(|d| d.config.name == s.name)
+            .map_or_else(Arc::default, |d| d.shadows.clone());
         Ok(Downstream {
             slots,
+            shadows,
             name: s.name.as_str().into(),
             // Validated in Config::parse.
             url: reqwest::Url::parse(&s.service_address)
@@ -210,6 +217,8 @@ pub struct Generation {
     /// What an operator should hear about at load (check-config, start-up, reload): types
     /// approved with nothing checking them, private keys readable by others.
     pub warnings: Vec<String>,
+    /// The status-20 answers, signed with this generation's key in advance.
+    pub(crate) refusals: crate::inbound::refusal::Refusals,
 }
 
 /// A warning when the private key file at `path` is readable by its group or by others.
@@ -329,6 +338,7 @@ impl Generation {
             node_verifier,
             downstreams,
             sources,
+            refusals: Default::default(),
         })
     }
 

@@ -49,6 +49,8 @@ pub(crate) enum Outcome {
     BadResponse,
     ErrorStatus,
     Cancelled,
+    /// A shadow call not made: its server had as many shadow calls in flight as its cap.
+    Skipped,
     /// A shadow call still running when the answer was sent.
     Pending,
 }
@@ -112,7 +114,7 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 impl Outcome {
     /// The outcomes counted in `tss_gateway_downstream_requests_total` (not `pending`).
-    pub(crate) const RECORDED: [Outcome; 9] = [
+    pub(crate) const RECORDED: [Outcome; 10] = [
         Outcome::Approved,
         Outcome::Rejected,
         Outcome::Timeout,
@@ -122,6 +124,7 @@ impl Outcome {
         Outcome::BadResponse,
         Outcome::ErrorStatus,
         Outcome::Cancelled,
+        Outcome::Skipped,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -135,6 +138,7 @@ impl Outcome {
             Outcome::BadResponse => "bad_response",
             Outcome::ErrorStatus => "error_status",
             Outcome::Cancelled => "cancelled",
+            Outcome::Skipped => "skipped",
             Outcome::Pending => "pending",
         }
     }

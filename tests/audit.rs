@@ -1214,8 +1214,14 @@ async fn after_a_crash_the_restart_begins_with_a_discontinuity_and_seq_goes_on()
     let first = assert_discontinuity(&s.log, &aside[0]);
     assert_eq!(first["seq"], last_seq + 1);
     assert_eq!(first["checkpoint"]["found"]["last_seq"], last_seq);
-    // The new file verifies on its own, from its discontinuity checkpoint.
-    let (code, out, _) = verify(&[&s.log], &["--mid-chain"]);
+    // After a crash the gateway knows no head (contract section 8): the head saved at start-up
+    // only said how far seq got, so the new chain starts from 64 zeros.
+    assert_eq!(first["prev"], "0".repeat(64));
+    // The new file verifies on its own, a new chain from its discontinuity checkpoint; the file
+    // set aside verifies as the live file the crash left.
+    let (code, out, _) = verify(&[&s.log], &[]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = verify(&[&aside[0]], &["--live"]);
     assert_eq!(code, 0, "{out}");
 }
 

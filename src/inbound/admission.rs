@@ -1,14 +1,16 @@
 //! Admission control: at most `max_in_flight` callback requests are decided at once, and at most
 //! `max_concurrent` calls are in flight to one downstream.
 //!
-//! Guarantees: a request beyond `max_in_flight` is refused before its body is read, so shedding
-//! costs no RSA work and calls nobody; nothing waits in an unbounded queue (a call waiting for a
+//! Guarantees: a request takes its place only once its body is read (a slow caller holds none);
+//! a request beyond `max_in_flight` is refused before any RSA work and calls nobody (one that
+//! arrives while all places are taken is refused before its body is read, too); nothing waits in an unbounded queue (a call waiting for a
 //! downstream slot is bounded by its request's deadline). Both limits are plain counters and
 //! semaphores whose permits are owned values: a permit can move into a spawned task and is given
 //! back when dropped, however that task ends.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -18,6 +20,9 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub struct Admission {
     in_flight: Arc<AtomicUsize>,
+    /// The latest deadline of the requests admitted, in nanoseconds after [`epoch`]: shutdown
+    /// waits for it, whatever the current config's `deadline_ms` says.
+    latest_deadline: AtomicU64,
 }
 
 /// One admitted request. Dropping it frees its place.
@@ -49,6 +54,24 @@ impl Admission {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
+
+    /// Notes the deadline of a request admitted.
+    pub(crate) fn note_deadline(&self, deadline: Instant) {
+        let nanos = deadline.saturating_duration_since(epoch()).as_nanos();
+        self.latest_deadline
+            .fetch_max(nanos.min(u64::MAX as u128) as u64, Ordering::AcqRel);
+    }
+
+    /// The latest deadline of any request admitted so far (a past one once they are done).
+    pub(crate) fn latest_deadline(&self) -> Instant {
+        epoch() + std::time::Duration::from_nanos(self.latest_deadline.load(Ordering::Acquire))
+    }
+}
+
+/// The instant deadlines are counted from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Drop for Permit {

@@ -8,10 +8,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use tokio::time::Instant;
 
 use super::body::{form_token, read_body};
+use super::conn::ConnRef;
 use super::dedup::{self, Lookup};
+use super::refusal;
 use crate::generation::{Audience, Downstream, Generation};
 use crate::ops::audit::{AuditRecord, Ticket};
 use crate::ops::metrics::Metrics;
@@ -32,6 +35,9 @@ struct Answer {
     duplicate: bool,
     /// The verified CallbackRequest, kept only with `audit_payloads: true`.
     request: Option<serde_json::Value>,
+    /// A status-20 answer's fixed text (see [`refusal`]); `decision.error` says exactly why,
+    /// for the log and the audit record.
+    refusal: Option<&'static str>,
 }
 
 impl dedup::Footprint for Arc<Evaluation> {
@@ -57,14 +63,40 @@ impl Drop for InFlight {
 /// `POST /v2/check` and `/v1/check`: one callback, answered with a token signed by the gateway.
 pub(crate) async fn check(
     State(shared): State<Arc<Shared>>,
+    conn: Option<Extension<ConnRef>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
-    // The whole request runs on the generation it started with, even if a reload lands meanwhile.
+    let conn = conn.map(|Extension(c)| c.0);
+    // The request's clock started at its first byte: the read and the deadline count from there.
+    let started = conn
+        .as_ref()
+        .map_or_else(Instant::now, |c| c.request_began());
+    // The body is read before anything else: a slow caller holds no `max_in_flight` slot, and
+    // its request is decided by the config current once it has arrived. The connection's
+    // watchdog closes it at `read_by`; the timeout here only backs that up.
+    let (limit, read_by) = {
+        let g = shared.current.load();
+        // With every place taken already, shed at once without reading anything.
+        if shared.admission.in_flight() >= g.config.max_in_flight {
+            return overloaded(&shared);
+        }
+        let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
+        (g.config.max_body_bytes, started + read_timeout)
+    };
+    // `headers` and the body are given away here, so that the connection's read buffer they
+    // point into is freed as soon as the token is parsed, not when the answer goes out.
+    let read = tokio::time::timeout_at(
+        read_by + READ_SLACK,
+        read_body(headers, body, limit, read_by),
+    )
+    .await;
+    if let Some(c) = &conn {
+        c.body_read();
+    }
     let g = shared.current.load_full();
-    // Before anything is read or signed: shedding must cost no RSA work. The permit is held
-    // until the answer is made (move it along if the decision ever runs in a task of its own).
+    // Before anything is signed: shedding must cost no RSA work. The permit is held until the
+    // answer is made (move it along if the decision ever runs in a task of its own).
     let Some(_admitted) = shared.admission.try_admit(g.config.max_in_flight) else {
         return overloaded(&shared);
     };
@@ -72,21 +104,16 @@ pub(crate) async fn check(
     let _in_flight = InFlight(shared.metrics.in_flight.clone());
     let ticket = shared.audit_pending.enter();
     let deadline = started + Duration::from_millis(g.config.deadline_ms);
+    shared.admission.note_deadline(deadline);
 
-    // `headers` and the body are given away here, so that the connection's read buffer they
-    // point into is freed as soon as the token is parsed, not when the answer goes out.
-    let read = tokio::time::timeout_at(
-        deadline,
-        read_body(headers, body, g.config.max_body_bytes, deadline),
-    );
-    let mut answer = match read.await {
+    let mut answer = match read {
         Ok(Ok(bytes)) => decide_request(&shared, &g, bytes, deadline).await,
         Ok(Err(refusal)) => invalid(Status::InvalidRequest, String::new(), None, refusal),
         Err(_) => invalid(
             Status::InvalidRequest,
             String::new(),
             None,
-            "request body not received within deadline_ms".into(),
+            "request body not received within read_timeout_ms".into(),
         ),
     };
     let elapsed = started.elapsed();
@@ -104,14 +131,28 @@ pub(crate) async fn check(
         .observe(elapsed.as_secs_f64());
     log_decision(&answer, kind, elapsed);
 
-    let response = CallbackResponse::new(
-        &answer.request_id,
-        answer.decision.status,
-        answer.decision.action,
-        answer.decision.error,
-    );
-    let json = serde_json::to_vec(&response).unwrap_or_default();
-    let token = g.sign(Audience::Node, json).await;
+    let token = match answer.refusal {
+        // Nothing is known about this caller: a token signed in advance, no RSA work.
+        Some(text) if answer.decision.status == Status::InvalidToken => g
+            .refusals
+            .token(text, || refusal::Signing {
+                signer: g.signer.clone(),
+                iss: g.config.service_name.clone(),
+                expire_secs: g.config.token_expire_minutes as i64 * 60,
+            })
+            .await
+            .to_string(),
+        _ => {
+            let response = CallbackResponse::new(
+                &answer.request_id,
+                answer.decision.status,
+                answer.decision.action,
+                answer.decision.error,
+            );
+            let json = serde_json::to_vec(&response).unwrap_or_default();
+            g.sign(Audience::Node, json).await
+        }
+    };
     // The token is base64url and dots only, so quoting it makes a valid JSON string.
     (
         StatusCode::OK,
@@ -120,6 +161,10 @@ pub(crate) async fn check(
     )
         .into_response()
 }
+
+/// How long the handler waits for a body past `read_timeout_ms` before giving up itself; by
+/// then the connection's watchdog has closed the connection (and dropped the handler).
+const READ_SLACK: Duration = Duration::from_secs(1);
 
 /// Writes the answer's audit record, if there is an audit log, before the answer is sent,
 /// waiting for it until the request's deadline (at least [`AUDIT_WAIT_MIN`]). An approval whose
@@ -195,6 +240,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         verdicts: Vec::new(),
         duplicate: false,
         request: None,
+        refusal: None,
     }
 }
 
@@ -202,9 +248,22 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
 /// token and claims are dropped before the (possibly long) wait for the downstreams.
 fn parse_request(g: &Generation, body: Bytes) -> Result<(CallbackRequest, Vec<u8>), Box<Answer>> {
     let refuse = |status, error: String| Box::new(invalid(status, String::new(), None, error));
-    let token = form_token(&body).map_err(|e| refuse(Status::InvalidToken, e))?;
+    let bad_token = |text: &'static str, error: String| {
+        Box::new(Answer {
+            refusal: Some(text),
+            ..invalid(Status::InvalidToken, String::new(), None, error)
+        })
+    };
+    let token = form_token(&body).map_err(|e| {
+        let text = if e.contains("more than once") {
+            refusal::FORM_TWICE
+        } else {
+            refusal::FORM_MISSING
+        };
+        bad_token(text, e)
+    })?;
     let claims = protocol::verify_token(&token, &g.node_verifier, protocol::now_secs())
-        .map_err(|e| refuse(Status::InvalidToken, e.to_string()))?;
+        .map_err(|e| bad_token(refusal::of_token(&e), e.to_string()))?;
     let package = protocol::decode_package(&claims.package_data)
         .map_err(|e| refuse(Status::InvalidRequest, e.to_string()))?;
     match CallbackRequest::parse(&package) {
@@ -275,6 +334,7 @@ async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: 
             verdicts: value.verdicts.clone(),
             duplicate: shared,
             request: recorded,
+            refusal: None,
         },
     }
 }
@@ -311,7 +371,14 @@ async fn evaluate(
             kind,
             deadline,
         };
-        ask_downstreams(&shared.metrics, servers, &rules, &out).await
+        ask_downstreams(
+            &shared.metrics,
+            servers,
+            &rules,
+            &out,
+            g.config.max_in_flight,
+        )
+        .await
     };
     Evaluation {
         decision,
@@ -327,8 +394,9 @@ async fn ask_downstreams<'a>(
     servers: impl Iterator<Item = &'a Arc<Downstream>>,
     rules: &RuleVerdict,
     out: &Outbound,
+    max_in_flight: usize,
 ) -> (Decision, Vec<Verdict>) {
-    let (mut verdicts, shadows) = fanout::fan_out(servers, out, metrics).await;
+    let (mut verdicts, shadows) = fanout::fan_out(servers, out, metrics, max_in_flight).await;
     let decision = decide(rules, &verdicts);
     verdicts.extend(fanout::shadow_snapshot(&shadows));
     (decision, verdicts)

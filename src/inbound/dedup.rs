@@ -12,9 +12,11 @@
 //! - every entry ends: it expires, is forgotten when its evaluation fails, or is removed when
 //!   every caller waiting for it has gone (a node that hung up mid-decision);
 //! - memory is bounded both in entries (`capacity`) and in bytes (`max_bytes`, counted from each
-//!   value's [`Footprint`]); expired entries are dropped as time passes, not only when full. A
-//!   request that would not fit is evaluated without being remembered (correct, just not
-//!   deduplicated).
+//!   value's [`Footprint`]); expired entries are dropped as time passes, not only when full. When
+//!   full, the remembered decisions that expire first make room for the new request, so the
+//!   conflict check holds for every entry still in memory, the newest included. Only a request
+//!   that cannot fit even so (every place held by a request still being decided) is evaluated
+//!   without being remembered (correct, just not deduplicated).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -110,6 +112,17 @@ impl<T> Inner<T> {
                 self.expiry.remove(&(t, e.id));
             }
         }
+    }
+
+    /// Forgets the remembered decision that expires first; false if none is left (every entry
+    /// is still being decided).
+    fn evict_oldest(&mut self) -> bool {
+        let Some(entry) = self.expiry.first_entry() else {
+            return false;
+        };
+        let request_id = entry.remove();
+        self.remove(&request_id);
+        true
     }
 
     /// Drops every entry whose time is up.
@@ -233,8 +246,11 @@ impl<T: Clone + Footprint> Dedup<T> {
             inner.remove(request_id);
         }
         let bytes = key_bytes(request_id);
-        if inner.entries.len() >= self.capacity || inner.bytes + bytes > self.max_bytes {
-            return Claim::Alone;
+        while inner.entries.len() >= self.capacity || inner.bytes + bytes > self.max_bytes {
+            // A new request is where a conflicting twin would come: make room for it.
+            if !inner.evict_oldest() {
+                return Claim::Alone;
+            }
         }
         let cell = Arc::new(OnceCell::new());
         let id = inner.next_id;
@@ -273,9 +289,16 @@ impl<T: Clone + Footprint> Dedup<T> {
             return;
         }
         let weight = value.footprint();
-        if !definitive(value) || inner.bytes + weight > self.max_bytes {
+        if !definitive(value) {
             inner.remove(request_id);
             return;
+        }
+        // This entry is not in the expiry index yet, so older ones make room, never itself.
+        while inner.bytes + weight > self.max_bytes {
+            if !inner.evict_oldest() {
+                inner.remove(request_id);
+                return;
+            }
         }
         let expires = now + ttl;
         let Some(e) = inner.entries.get_mut(request_id) else {
@@ -453,6 +476,60 @@ mod tests {
             || async move { value },
         )
         .await;
+    }
+
+    /// With the memory full, a new request takes the place of the decision that expires first,
+    /// so a twin with another payload is caught whether it comes while the first is decided or
+    /// after; and every entry still in memory is checked.
+    #[tokio::test]
+    async fn when_full_every_entry_in_memory_is_still_checked_for_conflicts() {
+        let d = Dedup::<i64>::new(3, 1 << 20);
+        for i in 0..3 {
+            remember(&d, &format!("old{i}"), TTL, 0).await;
+        }
+        // Being decided, with the memory full.
+        let mut first = Box::pin(d.run("new", 1, digest(b"x"), TTL, definitive, || async {
+            std::future::pending::<i64>().await
+        }));
+        tokio::select! {
+            biased;
+            _ = &mut first => unreachable!(),
+            () = std::future::ready(()) => {}
+        }
+        assert!(matches!(
+            d.run("new", 1, digest(b"y"), TTL, definitive, || async { 0 })
+                .await,
+            Lookup::Conflict
+        ));
+        // Its caller hangs up: the entry goes.
+        drop(first);
+        assert_eq!(d.len(), 2);
+        for i in 0..10 {
+            remember(&d, &format!("later{i}"), TTL, 0).await;
+            assert!(d.len() <= 3);
+        }
+        let in_memory: Vec<String> = d.lock().entries.keys().cloned().collect();
+        assert_eq!(in_memory.len(), 3);
+        for id in in_memory {
+            assert!(
+                matches!(
+                    d.run(&id, 1, digest(b"other"), TTL, definitive, || async { 0 })
+                        .await,
+                    Lookup::Conflict
+                ),
+                "{id}"
+            );
+        }
+        // Bytes too: a full memory makes room for the newest value that fits.
+        let d = Dedup::<i64>::new(1000, 9_000);
+        for i in 0..5 {
+            remember(&d, &format!("b{i}"), TTL, 3000).await;
+        }
+        assert!(matches!(
+            d.run("b4", 1, digest(b"y"), TTL, definitive, || async { 0 })
+                .await,
+            Lookup::Conflict
+        ));
     }
 
     #[tokio::test]

@@ -1,25 +1,30 @@
 //! `run`: the listener, its connections, and the shutdown sequence.
 //!
 //! Shutdown guarantee: after SIGTERM or SIGINT no new connection is accepted, requests already
-//! being decided finish (bounded by `deadline_ms` plus a grace second), the audit log is synced,
+//! being decided finish (bounded by the latest of their deadlines, whatever generation set it,
+//! plus a grace second), the audit log is synced,
 //! and `run` returns `Ok` so the process exits 0.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use super::admission::Admission;
+use super::conn::{Conn, ConnRef, Timed};
 use super::routes;
 use crate::config::ConfigError;
 use crate::generation::Generation;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{refused, Metrics};
 use crate::Shared;
 
-/// A client gets this long to send its request headers; slow-header clients are cut off.
+/// A kept-alive connection may sit idle this long between two requests (or `read_timeout_ms`,
+/// if longer); on `admin_listen`, a client gets this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why `run` could not start or ended badly.
@@ -165,9 +170,10 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each request in flight holds
-/// its inbound connection and, over HTTP/1.1, one outbound connection per server: with the
-/// common soft limit of 1,024 and five servers, descriptors would run out at about 170.
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. `listen` holds at most
+/// `max_connections` connections, and each request in flight (or shadow call, up to its cap)
+/// one outbound connection per server over HTTP/1.1: with the common soft limit of 1,024 and
+/// five servers, descriptors would run out at about 170 requests.
 fn raise_open_file_limit(g: &Generation) {
     use rlimit::Resource;
     let (soft, hard) = match rlimit::getrlimit(Resource::NOFILE) {
@@ -194,30 +200,44 @@ fn raise_open_file_limit(g: &Generation) {
         hard,
         "open-file limit (RLIMIT_NOFILE)"
     );
-    let needed = (g.config.max_in_flight * (1 + g.downstreams.len()) + 64) as u64;
+    // Inbound: at most `max_connections`. Outbound, per server: at most `max_in_flight` calls,
+    // enforcing (one per request in flight) or shadow (capped, see outbound::fanout).
+    let c = &g.config;
+    let per_server: usize = g
+        .downstreams
+        .iter()
+        .map(|d| match d.mode {
+            crate::config::Mode::Shadow => crate::outbound::fanout::shadow_cap(d, c.max_in_flight),
+            crate::config::Mode::Enforce => c.max_in_flight,
+        })
+        .sum();
+    let needed = (c.max_connections() + per_server + 64) as u64;
     if raised < needed {
         tracing::warn!(
             limit = raised,
             needed,
-            max_in_flight = g.config.max_in_flight,
-            "the open-file limit is below max_in_flight x (1 + servers) + 64: connections may fail under load"
+            max_connections = c.max_connections(),
+            max_in_flight = c.max_in_flight,
+            "the open-file limit is below max_connections + max_in_flight x servers + 64 (shadow calls included): connections may fail under load"
         );
     }
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains in-flight connections. With
 /// `admin_listen` set, only the node's routes are served here; see [`serve_admin`].
+///
+/// At accept, before TLS or HTTP: a peer outside `allowed_clients` is closed, and so is any
+/// connection beyond `max_connections` (each counted in `tss_gateway_connections_refused_total`).
+/// A request whose headers and body take longer than `read_timeout_ms` from its first byte has
+/// its connection closed (see [`super::conn`]).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let service = TowerToHyperService::new(listen_router(&shared));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    let open = Admission::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -231,29 +251,52 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let g = shared.current.load();
+                if !g.config.allows(peer.ip()) {
+                    shared.metrics.refuse_connection(refused::NOT_ALLOWED);
+                    tracing::debug!(peer = %peer, "connection refused: not in allowed_clients");
+                    continue;
+                }
+                let Some(permit) = open.try_admit(g.config.max_connections()) else {
+                    shared.metrics.refuse_connection(refused::TOO_MANY_CONNECTIONS);
+                    tracing::debug!(peer = %peer, "connection refused: max_connections open");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let tls = shared.current.load().tls.clone();
-                let (http, service, watcher) = (http.clone(), service.clone(), graceful.watcher());
+                let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
+                let tls = g.tls.clone();
+                drop(g);
+                let (service, watcher, shared) = (service.clone(), graceful.watcher(), shared.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
+                    let conn = Conn::new();
                     let result = match tls {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        None => serve_connection(stream, &conn, service, watcher, read_timeout).await,
                         Some(acceptor) => {
-                            let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.0.accept(stream)).await {
+                            let stream = match tokio::time::timeout(read_timeout, acceptor.0.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
                                     tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
                                     return;
                                 }
                                 Err(_) => {
+                                    shared.metrics.refuse_connection(refused::READ_TIMEOUT);
                                     tracing::debug!(peer = %peer, "TLS handshake timed out");
                                     return;
                                 }
                             };
-                            watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await
+                            serve_connection(stream, &conn, service, watcher, read_timeout).await
                         }
                     };
-                    if let Err(e) = result {
-                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    match result {
+                        Served::Late => {
+                            shared.metrics.refuse_connection(refused::READ_TIMEOUT);
+                            tracing::debug!(peer = %peer, "connection closed: request not read within read_timeout_ms");
+                        }
+                        Served::Ended(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                        }
+                        Served::Ended(Ok(())) => {}
                     }
                 });
             }
@@ -261,8 +304,14 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let grace =
-        Duration::from_millis(shared.current.load().config.deadline_ms) + Duration::from_secs(1);
+    // Requests in flight may run on an older generation with a longer deadline than the
+    // current one; a request still being read will be decided under the current one.
+    let now = tokio::time::Instant::now();
+    let last = shared
+        .admission
+        .latest_deadline()
+        .max(now + Duration::from_millis(shared.current.load().config.deadline_ms));
+    let grace = last.saturating_duration_since(now) + Duration::from_secs(1);
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
         "shutting down: finishing requests in flight"
@@ -272,6 +321,47 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             tracing::warn!("requests still in flight after the grace period; closing them");
         }
+    }
+}
+
+/// How one connection ended.
+enum Served {
+    /// Closed by hyper or the peer.
+    Ended(Result<(), hyper::Error>),
+    /// Closed by the watchdog: a request was not read within `read_timeout_ms`.
+    Late,
+}
+
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it ends or a request is late.
+/// Every request carries a [`ConnRef`], so the handler knows when it began and can say when its
+/// body is read.
+async fn serve_connection<S>(
+    stream: S,
+    conn: &Arc<Conn>,
+    service: TowerToHyperService<axum::Router>,
+    watcher: hyper_util::server::graceful::Watcher,
+    read_timeout: Duration,
+) -> Served
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Between two requests hyper's header timer bounds the idle time of a kept-alive
+    // connection; the request itself is timed by the watchdog, from its first byte.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout.max(HEADER_READ_TIMEOUT))
+        .keep_alive(true);
+    let tagged = conn.clone();
+    let per_request = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let mut req = req.map(|body| tagged.watch(body));
+        req.extensions_mut().insert(ConnRef(tagged.clone()));
+        hyper::service::Service::call(&service, req)
+    });
+    let io = TokioIo::new(Timed::new(stream, conn.clone()));
+    let serving = watcher.watch(http.serve_connection(io, per_request));
+    tokio::select! {
+        result = serving => Served::Ended(result),
+        () = conn.late(read_timeout) => Served::Late,
     }
 }
 

@@ -6,7 +6,9 @@
 pub(crate) mod admission;
 pub(crate) mod body;
 pub(crate) mod check;
+pub(crate) mod conn;
 pub(crate) mod dedup;
 pub mod listener;
+pub(crate) mod refusal;
 pub(crate) mod routes;
 pub(crate) mod tls;

@@ -43,6 +43,19 @@ pub struct Metrics {
     pub(crate) audit_write_failures: IntCounter,
     /// 1 while the config on disk differs from the running one and does not load.
     pub(crate) config_reload_failing: IntGauge,
+    pub(crate) connections_refused: IntCounterVec,
+}
+
+/// Why a connection to `listen` was closed unanswered
+/// (`tss_gateway_connections_refused_total{reason}`).
+pub(crate) mod refused {
+    /// The peer is outside `allowed_clients`; closed at accept.
+    pub(crate) const NOT_ALLOWED: &str = "not_allowed";
+    /// Headers and body did not arrive within `read_timeout_ms`.
+    pub(crate) const READ_TIMEOUT: &str = "read_timeout";
+    /// `max_connections` were open already; closed at accept.
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    pub(crate) const ALL: [&str; 3] = [NOT_ALLOWED, READ_TIMEOUT, TOO_MANY_CONNECTIONS];
 }
 
 /// Request outcomes (`tss_gateway_requests_total{outcome}`).
@@ -169,6 +182,12 @@ impl Metrics {
                     "1 while the config on disk differs from the running one and does not load (retried with backoff).",
                 ),
             ),
+            connections_refused: counters(
+                &r,
+                "tss_gateway_connections_refused_total",
+                "Connections to listen closed unanswered, by reason.",
+                &["reason"],
+            ),
             registry: r,
         };
         m.start_at_zero();
@@ -183,6 +202,9 @@ impl Metrics {
             .set(1);
         for result in ["success", "failure"] {
             self.config_reloads.with_label_values(&[result]);
+        }
+        for reason in refused::ALL {
+            self.connections_refused.with_label_values(&[reason]);
         }
         let outcomes = [
             outcome::APPROVED,
@@ -220,12 +242,12 @@ impl Metrics {
     }
 
     /// Counts one finished call in `tss_gateway_downstream_requests_total{server,outcome}` and,
-    /// unless it was cancelled (it took no time of its own), its duration.
+    /// unless it was cancelled or skipped (it took no time of its own), its duration.
     pub(crate) fn record_call(&self, v: &Verdict) {
         self.downstream_requests
             .with_label_values(&[&v.server, v.outcome.as_str()])
             .inc();
-        if v.outcome != Outcome::Cancelled {
+        if !matches!(v.outcome, Outcome::Cancelled | Outcome::Skipped) {
             self.downstream_duration
                 .with_label_values(&[&v.server])
                 .observe(v.duration.as_secs_f64());
@@ -240,6 +262,11 @@ impl Metrics {
             last_discontinuity: self.audit_last_discontinuity.clone(),
             write_failures: self.audit_write_failures.clone(),
         }
+    }
+
+    /// Counts one connection closed unanswered, for `reason` (see [`refused`]).
+    pub(crate) fn refuse_connection(&self, reason: &str) {
+        self.connections_refused.with_label_values(&[reason]).inc();
     }
 
     /// The registry in Prometheus text format.

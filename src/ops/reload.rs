@@ -24,7 +24,6 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError};
 use crate::generation::{Downstream, Generation, Sources};
-use crate::ops::audit::AuditLog;
 use crate::ops::metrics::Metrics;
 use crate::Shared;
 

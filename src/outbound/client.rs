@@ -183,8 +183,31 @@ pub fn read_answer(
             "CallbackResponse is not a JSON object".into(),
         ));
     }
-    let response: CallbackResponse = serde_json::from_slice(&package)
+    let answered: Answered = serde_json::from_slice(&package)
         .map_err(|e| CallError::BadResponse(format!("not a CallbackResponse: {e}")))?;
+    // A server that could not read the request (status 10/20) cannot name it, and may leave
+    // `request_id` out: its signed refusal still says why, which is what an operator needs
+    // (a downstream holding the wrong gateway key answers so). An answer that could count must
+    // name the request.
+    let response = match answered.request_id {
+        Some(request_id) => CallbackResponse {
+            request_id,
+            status: answered.status,
+            action: answered.action,
+            error: answered.error,
+        },
+        None if answered.status != 0 => CallbackResponse {
+            request_id: String::new(),
+            status: answered.status,
+            action: answered.action,
+            error: answered.error,
+        },
+        None => {
+            return Err(CallError::BadResponse(
+                "not a CallbackResponse: missing field `request_id`".into(),
+            ))
+        }
+    };
     // A non-zero status is a failure whichever request it names, and servers that could not read
     // the request (status 10/20) cannot name it; only answers that could count are matched.
     if let Some(expected) = expect_request_id.filter(|_| response.status == 0) {
@@ -197,6 +220,18 @@ pub fn read_answer(
         }
     }
     Ok(response)
+}
+
+/// A verified CallbackResponse as it came, `request_id` possibly absent.
+#[derive(serde::Deserialize)]
+struct Answered {
+    #[serde(default)]
+    request_id: Option<String>,
+    status: i64,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    error: String,
 }
 
 /// The first 80 characters of untrusted text, for error messages.

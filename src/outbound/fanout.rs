@@ -2,7 +2,10 @@
 //!
 //! Guarantees: every enforcing call is bounded by its own `timeout_ms` per attempt and by the
 //! request's deadline overall (see [`super::call`]); the first enforcing rejection ends the wait
-//! and cancels the rest; shadow calls run detached and never delay or change the answer.
+//! and cancels the rest; shadow calls run detached and never delay or change the answer; a
+//! server has at most its shadow cap of shadow calls in flight (`max_concurrent` if set, else
+//! `max_in_flight`), and a shadow call beyond it is skipped at once (counted `skipped`), never
+//! waited for, so a shadow server that hangs holds a bounded number of connections.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -21,18 +24,25 @@ use crate::verdict::{Outcome, Verdict};
 pub(crate) type ShadowSlot = (Arc<Downstream>, Arc<OnceLock<Verdict>>);
 
 /// Sends `out` to every server in `servers` at once. Returns the enforcing verdicts (in the
-/// order they finished, cancelled ones last) and the shadow slots.
+/// order they finished, cancelled ones last) and the shadow slots. A shadow server without
+/// `max_concurrent` has at most `max_in_flight` shadow calls in flight.
 pub(crate) async fn fan_out<'a>(
     servers: impl Iterator<Item = &'a Arc<Downstream>>,
     out: &Outbound,
     metrics: &Metrics,
+    max_in_flight: usize,
 ) -> (Vec<Verdict>, Vec<ShadowSlot>) {
     let mut pending = FuturesUnordered::new();
     let mut enforcing = Vec::new();
     let mut shadows = Vec::new();
     for ds in servers {
         match ds.mode {
-            Mode::Shadow => shadows.push(spawn_shadow(ds.clone(), out.clone(), metrics.clone())),
+            Mode::Shadow => shadows.push(spawn_shadow(
+                ds.clone(),
+                out.clone(),
+                metrics.clone(),
+                shadow_cap(ds, max_in_flight),
+            )),
             Mode::Enforce => {
                 let index = enforcing.len();
                 enforcing.push(ds.clone());
@@ -67,12 +77,32 @@ pub(crate) async fn fan_out<'a>(
     (verdicts, shadows)
 }
 
-/// Calls a shadow server in a task of its own; its verdict lands in the returned slot.
-fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics) -> ShadowSlot {
+/// Shadow calls one server may have in flight: `max_concurrent` if set, else `max_in_flight`.
+pub(crate) fn shadow_cap(ds: &Downstream, max_in_flight: usize) -> usize {
+    match ds.config.max_concurrent {
+        0 => max_in_flight,
+        n => n,
+    }
+}
+
+/// Calls a shadow server in a task of its own; its verdict lands in the returned slot. Beyond
+/// `cap` shadow calls in flight to it, the call is skipped and the slot filled at once.
+fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize) -> ShadowSlot {
     let slot = Arc::new(OnceLock::new());
+    let Some(place) = ds.shadows.try_admit(cap) else {
+        let v = ds.verdict(
+            Outcome::Skipped,
+            Duration::ZERO,
+            format!("skipped: {cap} shadow calls to this server in flight"),
+        );
+        metrics.record_call(&v);
+        let _ = slot.set(v);
+        return (ds, slot);
+    };
     let filled = slot.clone();
     let server = ds.clone();
     tokio::spawn(async move {
+        let _place = place;
         let v = call(&server, &metrics, &out).await;
         metrics.record_call(&v);
         tracing::info!(request_id = %client::snippet(&out.request_id), server = %v.server, outcome = v.outcome.as_str(), duration_ms = v.duration.as_millis() as u64, "shadow verdict");

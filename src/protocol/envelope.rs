@@ -76,6 +76,8 @@ pub enum PayloadError {
     RequestIdTooLong,
     #[error("payload has a top-level {0:?} key: a CallbackRequest carries no status or action")]
     ReservedKey(String),
+    #[error("payload has a top-level {0:?} key: it differs from a CallbackRequest field only in letter case")]
+    CaseVariantKey(String),
 }
 
 // === impl Status ===
@@ -201,8 +203,17 @@ impl CallbackRequest {
         // case-insensitively), so the gateway would be signing approvals on request.
         let keys: TopLevelKeys =
             serde_json::from_slice(bytes).map_err(|e| PayloadError::Json(e.to_string()))?;
-        if let Some(key) = keys.0.into_iter().find(|k| is_response_field(k)) {
-            return Err(PayloadError::ReservedKey(key_snippet(&key)));
+        for key in keys.0 {
+            if is_response_field(&key) {
+                return Err(PayloadError::ReservedKey(key_snippet(&key)));
+            }
+            // Go's decoder would read `Request_Type` into `request_type` (the last one wins), so
+            // a downstream written in Go could see another request than the one checked here.
+            let folded = fold(&key);
+            if REQUEST_FIELDS.contains(&folded.as_str()) && !REQUEST_FIELDS.contains(&key.as_str())
+            {
+                return Err(PayloadError::CaseVariantKey(key_snippet(&key)));
+            }
         }
         Ok(req)
     }
@@ -235,19 +246,25 @@ impl<'de> Deserialize<'de> for TopLevelKeys {
     }
 }
 
-/// True for a key Go's `encoding/json` would read into a CallbackResponse's `status` or `action`:
-/// it matches names under Unicode simple case folding, where `ſ` (U+017F) is an `s` and `K`
-/// (U+212A, Kelvin) a `k`.
+/// The fields of a CallbackRequest, as the node spells them.
+const REQUEST_FIELDS: [&str; 4] = ["request_id", "request_type", "request_detail", "extra_info"];
+
+/// True for a key Go's `encoding/json` would read into a CallbackResponse's `status` or `action`.
 fn is_response_field(key: &str) -> bool {
-    let folded: String = key
-        .chars()
+    let folded = fold(key);
+    folded == "status" || folded == "action"
+}
+
+/// `key` as Go's `encoding/json` compares names: under Unicode simple case folding, where `ſ`
+/// (U+017F) is an `s` and `K` (U+212A, Kelvin) a `k`.
+fn fold(key: &str) -> String {
+    key.chars()
         .map(|c| match c {
             '\u{017F}' => 's',
             '\u{212A}' => 'k',
             c => c.to_ascii_lowercase(),
         })
-        .collect();
-    folded == "status" || folded == "action"
+        .collect()
 }
 
 fn key_snippet(text: &str) -> String {
@@ -352,6 +369,36 @@ mod tests {
         // Nested keys are the request's own business.
         assert!(CallbackRequest::parse(
             br#"{"request_id":"r","request_type":2,"request_detail":"{\"status\":0}","x":{"action":"APPROVE"}}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_key_that_is_a_request_field_but_for_letter_case_is_refused() {
+        // The last two: a long s (U+017F), and `R` written as a JSON escape.
+        for key in [
+            "REQUEST_ID",
+            "Request_Type",
+            "Request_Detail",
+            "EXTRA_INFO",
+            "reque\u{017F}t_id",
+            "\\u0052equest_type",
+        ] {
+            let payload = format!(r#"{{"request_id":"r","request_type":2,"{key}":"x"}}"#);
+            let refused = CallbackRequest::parse(payload.as_bytes());
+            assert!(
+                matches!(refused, Err(PayloadError::CaseVariantKey(_))),
+                "{payload}: {refused:?}"
+            );
+        }
+        let issue = br#"{"request_id":"X","request_type":2,"REQUEST_ID":"other","Request_Type":5,"Request_Detail":"evil"}"#;
+        assert!(matches!(
+            CallbackRequest::parse(issue),
+            Err(PayloadError::CaseVariantKey(_))
+        ));
+        // The exact names, and other keys, are the request's own.
+        assert!(CallbackRequest::parse(
+            br#"{"request_id":"r","request_type":2,"request_detail":"{}","extra_info":"{}","requestid":1}"#
         )
         .is_ok());
     }

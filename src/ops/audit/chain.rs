@@ -54,8 +54,11 @@ pub(crate) struct Chain {
 }
 
 /// The signed head saved in `<audit_log>.head`, if it is valid; an invalid one is reported and
-/// counts as none (it is never deleted).
-pub(crate) fn load_head(log: &Path, signer: &Signer) -> Option<Head> {
+/// counts as none (it is never deleted). The flag says whether it was saved by a clean close
+/// (`shutdown`, or `reconfigured` when a reload moved `audit_log` away): only then does it say
+/// where the file ends. The head saved at start-up (`start`) says only how far `seq` got: if it
+/// is still there at the next start, the gateway crashed, and after a crash it knows no head.
+pub(crate) fn load_head(log: &Path, signer: &Signer) -> Option<(Head, bool)> {
     let path = head_path(log);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -67,7 +70,10 @@ pub(crate) fn load_head(log: &Path, signer: &Signer) -> Option<Head> {
     };
     let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
     match checkpoint::verify_head(line, signer) {
-        Ok(head) => Some(head),
+        Ok((head, reason)) => {
+            let clean = reason == Seal::Shutdown.as_str() || reason == Seal::Reconfigured.as_str();
+            Some((head, clean))
+        }
         Err(why) => {
             tracing::error!(path = %path.display(), why, "the saved audit head is not a checkpoint signed by this gateway's key; treating it as none");
             None

@@ -97,7 +97,8 @@ impl Signed {
 
 /// The saved head, if `line` is a checkpoint signed by `signer`'s key whose signature holds;
 /// otherwise why not.
-pub(crate) fn verify_head(line: &[u8], signer: &Signer) -> Result<Head, String> {
+/// A checkpoint line signed by `signer`'s key, as saved in `.head`, and its `reason`.
+pub(crate) fn verify_head(line: &[u8], signer: &Signer) -> Result<(Head, String), String> {
     #[derive(serde::Deserialize)]
     struct Cp {
         reason: String,
@@ -131,9 +132,10 @@ pub(crate) fn verify_head(line: &[u8], signer: &Signer) -> Result<Head, String> 
     if !verifier.verify(&message, &sig) {
         return Err("its signature does not verify".into());
     }
-    Ok(Head {
+    let head = Head {
         line: line.to_vec(),
         hash: line_hash(line),
         seq: parsed.seq,
-    })
+    };
+    Ok((head, parsed.checkpoint.reason))
 }

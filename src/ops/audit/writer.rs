@@ -112,10 +112,14 @@ impl AuditLog {
         metrics: AuditMetrics,
     ) -> std::io::Result<AuditLog> {
         let saved = load_head(path, signer);
-        let known = saved.as_ref().map(|h| super::chain::Known {
-            hash: h.hash,
+        // After a crash (a head saved at start-up, not at a clean close) the gateway knows no
+        // head: a non-empty file is set aside and the new chain starts from 64 zeros. `seq`
+        // still continues above the saved one, so it never goes backwards.
+        let known = saved.as_ref().map(|(h, clean)| super::chain::Known {
+            hash: if *clean { h.hash } else { super::GENESIS },
             seq: h.seq,
         });
+        let saved = saved.filter(|(_, clean)| *clean).map(|(h, _)| h);
         let chain = Chain::open(path, known, saved, signer, &metrics)?;
         let shared = Arc::new(State {
             path: path.to_owned(),
