@@ -149,7 +149,8 @@ def stack():
              "slow": "[key_reshare]", "broken": "[key_gen]"}
     port = free_port()
     lines = [f"listen: 127.0.0.1:{port}", f"tss_node_public_key: {tmp}/tss-node-pub.key",
-             f"gateway_private_key: {tmp}/gateway-pri.pem", "health_check_interval_ms: 500", RULES,
+             f"gateway_private_key: {tmp}/gateway-pri.pem", "health_check_interval_ms: 500",
+             "reload_settle_ms: 100", RULES,
              "callback_servers:"]
     for n, s in servers.items():
         lines += [f"  - name: {n}", f"    service_address: {s.url}", f"    pubkey_path: {tmp}/{n}-pub.key",
@@ -197,12 +198,14 @@ def stack():
     for i in range(2):
         answers.append(send(url, "not-a-token", gateway_pub))
     answers.append(send(url, node_token(node_key, b"hello"), gateway_pub))
-    # One good reload (SIGHUP) and one refused (an invalid file).
+    # One good reload (SIGHUP), then an invalid file left on disk for 2.5 s: refused once it
+    # settled (~0.1 s), retried and refused again 1 s later (the next retry, 2 s after that,
+    # never comes: the good file is back first and loads).
     gateway.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     good = config.read_text()
     config.write_text(good + "bogus: 1\n")
-    time.sleep(1.0)
+    time.sleep(2.5)
     config.write_text(good)
     time.sleep(4)  # several scrapes after the workload
 
@@ -251,7 +254,7 @@ def test_exact_counter_values_in_prometheus(stack):
         'tss_gateway_downstream_requests_total{server="slow",outcome="timeout"}': 2,
         'tss_gateway_downstream_requests_total{server="broken",outcome="http_error"}': 1,
         'tss_gateway_config_reloads_total{result="success"}': 2,
-        'tss_gateway_config_reloads_total{result="failure"}': 1,
+        'tss_gateway_config_reloads_total{result="failure"}': 2,
         'tss_gateway_downstream_up{server="approver"}': 1,
         'tss_gateway_downstream_up{server="rejecter"}': 1,
         'tss_gateway_downstream_up{server="slow"}': 0,
@@ -271,7 +274,9 @@ def test_exact_counter_values_in_prometheus(stack):
               "tss_gateway_downstream_requests_total", "tss_gateway_downstream_duration_seconds_bucket",
               "tss_gateway_downstream_up", "tss_gateway_in_flight_requests", "tss_gateway_embedded_rejections_total",
               "tss_gateway_config_reloads_total", "tss_gateway_config_last_reload_success_timestamp_seconds",
-              "tss_gateway_callback_servers", "tss_gateway_build_info"]:
+              "tss_gateway_callback_servers", "tss_gateway_build_info", "tss_gateway_connections_refused_total",
+              "tss_gateway_audit_seq", "tss_gateway_audit_discontinuities_total",
+              "tss_gateway_audit_write_failures_total", "tss_gateway_config_reload_failing"]:
         assert m in names, m
 
 
