@@ -450,6 +450,15 @@ impl Config {
         if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
             return refuse("max_in_flight", "must be between 1 and 1000000");
         }
+        if self.admin_listen == Some(self.listen) {
+            return Err((
+                "admin_listen".into(),
+                format!(
+                    "{} is also `listen`: give the admin endpoints an address of their own",
+                    self.listen
+                ),
+            ));
+        }
         if self.reload_settle_ms > 60_000 {
             return refuse("reload_settle_ms", "must be at most 60000");
         }

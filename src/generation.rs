@@ -234,6 +234,42 @@ fn exposed_key(field: &str, path: &Path) -> Option<String> {
     })
 }
 
+/// Refuses an audit log path the gateway could not open, as `run` would, short of opening it:
+/// a folder at the path, a file where a folder should be, or a folder missing more than one
+/// level deep (the gateway creates the log's own folder, not a whole tree: a typo is not a
+/// place to put evidence).
+fn check_audit_log(log: &Path) -> Result<(), String> {
+    if log.is_dir() {
+        return Err(format!("{} is a folder, not a file", log.display()));
+    }
+    let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let not_a_folder = |d: &Path| {
+        Err(format!(
+            "{} is not a folder (audit log {})",
+            d.display(),
+            log.display()
+        ))
+    };
+    if dir.exists() {
+        return if dir.is_dir() {
+            Ok(())
+        } else {
+            not_a_folder(dir)
+        };
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(up) if !up.exists() => Err(format!(
+            "folder {} does not exist (audit log {}); create it first",
+            up.display(),
+            log.display()
+        )),
+        Some(up) if !up.is_dir() => not_a_folder(up),
+        _ => Ok(()),
+    }
+}
+
 /// Whether a client built for `a` serves `b` as well. Servers with TLS files never qualify: the
 /// files may have changed on disk under the same names.
 fn same_connection(a: &ServerConfig, b: &ServerConfig) -> bool {
@@ -280,6 +316,13 @@ impl Generation {
                 source,
             }
         };
+        if let Some(log) = &config.audit_log {
+            check_audit_log(log).map_err(|message| ConfigError::Field {
+                path: path.to_owned(),
+                field: "audit_log".into(),
+                message,
+            })?;
+        }
         // Each key file is read once, and the bytes parsed are the bytes fingerprinted.
         let mut sources = Sources::default();
         let signer = sources
