@@ -408,7 +408,7 @@ async fn a_client_sending_headers_slowly_is_cut_off_while_others_are_served() {
     }
     others.await.unwrap();
     let closed_at = closed_at.expect("the slow client was never cut off");
-    // read_timeout_ms is 2 s by default, from the first byte (for a new connection, its accept).
+    // read_timeout_ms is 2 s by default, from the first byte.
     assert!(
         closed_at >= Duration::from_millis(1900) && closed_at < Duration::from_secs(8),
         "{closed_at:?}"

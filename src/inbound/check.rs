@@ -92,6 +92,11 @@ pub(crate) async fn check(
     )
     .await;
     if let Some(c) = &conn {
+        if read.is_err() {
+            // Late: the watchdog closes the connection unanswered (it may have been starved of
+            // its turn until now); this request gets no answer, signed or not.
+            std::future::pending::<()>().await;
+        }
         c.body_read();
     }
     let g = shared.current.load_full();

@@ -2,12 +2,13 @@
 //! been read, and the watchdog that closes the connection when headers and body take longer than
 //! `read_timeout_ms`.
 //!
-//! Guarantees: a request's clock starts at its first byte (for a new connection, at accept), so
-//! the idle time of a kept-alive connection between two requests does not count, nor does a
-//! `100 Continue` going out; once the body has been read to its end or given up on, by whatever
-//! route ([`Watched`], or the handler saying so with [`Conn::body_read`]), the request is no
-//! longer timed (deciding it is bounded by `deadline_ms` instead); a connection whose request is
-//! late is closed unanswered, which drops its handler and everything it holds.
+//! Guarantees: a request's clock starts at its first byte, so neither the idle time of a new
+//! connection before its first request nor that of a kept-alive one between two requests counts
+//! (hyper's idle timer bounds those, see the listener), nor does a `100 Continue` going out;
+//! once the body has been read to its end by whatever route ([`Watched`]), or the handler has
+//! given up on it ([`Conn::body_read`]), the request is no longer timed (deciding it is
+//! bounded by `deadline_ms` instead); a connection whose request is late is closed unanswered,
+//! which drops its handler and everything it holds.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,8 +40,10 @@ pub(crate) struct Conn {
 #[derive(Debug, Clone)]
 pub(crate) struct ConnRef(pub(crate) Arc<Conn>);
 
-/// A request's body, telling [`Conn`] when it has been read to its end, or given up on (dropped),
-/// whichever route handles it: only the reading of a request is timed.
+/// A request's body, telling [`Conn`] when it has been read to its end, whichever route reads
+/// it: only the reading of a request is timed. (Dropped unread, it says nothing: a handler that
+/// gives up on a body says so itself, and one that gave up because the body was late leaves
+/// the connection to the watchdog.)
 pub(crate) struct Watched<B> {
     inner: B,
     conn: Arc<Conn>,
@@ -58,19 +61,19 @@ pub(crate) struct Timed<S> {
 // === impl Conn ===
 
 impl Conn {
-    /// A connection just accepted: its first request's clock runs from now.
+    /// A connection just accepted: idle until its first byte.
     pub(crate) fn new() -> Arc<Conn> {
         Arc::new(Conn {
             opened: Instant::now(),
             began: AtomicU64::new(0),
             requests: AtomicU64::new(1),
-            between: AtomicBool::new(false),
+            between: AtomicBool::new(true),
             read: AtomicBool::new(false),
             began_one: Notify::new(),
         })
     }
 
-    /// When the current request began: its first byte, or the accept of a new connection.
+    /// When the current request began: its first byte.
     pub(crate) fn request_began(&self) -> Instant {
         self.opened + Duration::from_nanos(self.began.load(Ordering::Acquire))
     }
@@ -154,12 +157,6 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Watched<B> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for Watched<B> {
-    fn drop(&mut self) {
-        self.done();
     }
 }
 
