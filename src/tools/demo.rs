@@ -45,6 +45,7 @@ struct Case {
 
 /// Runs the demo and prints its table to stdout.
 pub async fn run() -> Result<(), DemoError> {
+    crate::ops::audit::checkpoint::quiet_witness();
     let dir = tempfile::tempdir().map_err(setup("temporary folder"))?;
     let keys_dir = dir.path().join("keys");
     for name in ["tss-node", "gateway", "intruder"]

@@ -3,12 +3,22 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 
 use super::records::{Checkpoint, CheckpointRecord, Found, Seal};
 use super::{chained_line, checkpoint_message, hex, key_id, line_hash, now_rfc3339, parse_hex};
 use crate::protocol::keys::{Signer, Verifier};
+
+/// Whether checkpoints are witnessed on stderr: always under `run`; `demo` turns it off, because
+/// its terminal shows a table for a person rather than a log for a pipeline to keep.
+static WITNESS_ON_STDERR: AtomicBool = AtomicBool::new(true);
+
+/// Turns the stderr witness lines off (`demo` only).
+pub(crate) fn quiet_witness() {
+    WITNESS_ON_STDERR.store(false, Ordering::Relaxed);
+}
 
 /// A checkpoint line the gateway wrote: the head of its chain.
 #[derive(Debug, Clone)]
@@ -78,6 +88,9 @@ impl Signed {
     /// Writes the witness line to stderr, whatever the log format and level: one JSON object
     /// naming the checkpoint's `seq` and the SHA-256 of its line, for the log pipeline to keep.
     pub(crate) fn witness(&self, path: &Path) {
+        if !WITNESS_ON_STDERR.load(Ordering::Relaxed) {
+            return;
+        }
         let witness = serde_json::json!({
             "audit_checkpoint": {
                 "seq": self.seq,
@@ -95,9 +108,8 @@ impl Signed {
     }
 }
 
-/// The saved head, if `line` is a checkpoint signed by `signer`'s key whose signature holds;
-/// otherwise why not.
-/// A checkpoint line signed by `signer`'s key, as saved in `.head`, and its `reason`.
+/// The saved head and its `reason`, if `line` is a checkpoint signed by `signer`'s key whose
+/// signature holds; otherwise why not.
 pub(crate) fn verify_head(line: &[u8], signer: &Signer) -> Result<(Head, String), String> {
     #[derive(serde::Deserialize)]
     struct Cp {

@@ -24,7 +24,7 @@
 //! `audit verify` ([`crate::tools::verify`]) checks all of this from the files alone.
 
 mod chain;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod config;
 mod records;
 mod writer;
