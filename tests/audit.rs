@@ -14,6 +14,7 @@ use common::gateway::{config_yaml, entry, Gateway, BIN};
 use common::keys::keys;
 use common::node::{post_token, send};
 use common::requests::request;
+use common::sha256_hex;
 use common::tokens::contains_jwt;
 
 /// Exit code, stdout and stderr of the binary.
@@ -32,15 +33,6 @@ fn verify(files: &[&Path], extra: &[&str]) -> (i32, String, String) {
     let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     args.extend(files.iter().map(String::as_str));
     cli(&args)
-}
-
-/// SHA-256 hex of `bytes`, computed here (not by the gateway's code).
-fn sha256_hex(bytes: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn lines(path: &Path) -> Vec<String> {

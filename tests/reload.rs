@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::downstream::{always, Answer, Downstream};
-use common::gateway::{config_yaml, entry, free_port, spawn_run, Gateway};
+use common::gateway::{config_yaml, entry, free_port, rss_of, spawn_run, Gateway};
 use common::http::get_json;
 use common::keys::keys;
 use common::node::send;
@@ -343,19 +343,6 @@ async fn reloads_leave_no_old_generation_alive() {
     })
     .await;
     assert_eq!(gw.generation(), 1001);
-}
-
-/// Resident memory of process `pid`, in MB.
-fn rss_of(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb / 1024.0
 }
 
 /// Issue 20 item 9: 1,234 reloads raised the binary's RSS from 10.9 to 16.2 MB. The running

@@ -11,6 +11,7 @@ use std::process::Command;
 use base64::Engine;
 use common::gateway::{config_yaml, BIN};
 use common::keys::{keys, KeyPair};
+use common::sha256_hex;
 use serde_json::{json, Value};
 
 /// Exit code and stdout+stderr of `audit verify EXTRA... FILES...`.
@@ -29,14 +30,6 @@ fn verify(files: &[&Path], extra: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn spki_der(key: &KeyPair) -> Vec<u8> {

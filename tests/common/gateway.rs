@@ -216,7 +216,17 @@ pub fn spawn_run(config: &Path, port: u16) -> Child {
 
 /// Resident memory of this process (which hosts the gateway), in MB.
 pub fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    vm_rss_mb("/proc/self/status")
+}
+
+/// Resident memory of process `pid` (a gateway started with [`spawn_run`]), in MB.
+pub fn rss_of(pid: u32) -> f64 {
+    vm_rss_mb(&format!("/proc/{pid}/status"))
+}
+
+/// `VmRSS` of a `/proc/*/status` file, in MB.
+fn vm_rss_mb(status: &str) -> f64 {
+    let status = std::fs::read_to_string(status).unwrap();
     let kb: f64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))

@@ -11,3 +11,12 @@ pub mod node;
 pub mod pki;
 pub mod requests;
 pub mod tokens;
+
+/// SHA-256 hex of `bytes`, computed here (not by the gateway's code).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
