@@ -16,6 +16,7 @@ use common::node::{post_token, send};
 use common::requests::request;
 use common::sha256_hex;
 use common::tokens::contains_jwt;
+use common::until;
 
 /// Exit code, stdout and stderr of the binary.
 fn cli(args: &[&str]) -> (i32, String, String) {
@@ -1035,15 +1036,6 @@ async fn metric_at(addr: SocketAddr, series: &str) -> f64 {
     common::gateway::metric_value(&text, series)
 }
 
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// The ERROR log lines of a stderr file that mention `text`.
 fn errors_mentioning(stderr: &Path, text: &str) -> usize {
     std::fs::read_to_string(stderr)
@@ -1536,7 +1528,7 @@ async fn a_flood_of_junk_tokens_writes_few_lines_and_every_refusal_is_counted() 
             })
             .sum()
     };
-    eventually("the refusals were not all recorded", || {
+    until(20, "the refusals were not all recorded", || {
         refused(&s.log) == N as u64
     })
     .await;
@@ -1580,7 +1572,10 @@ async fn each_loaded_config_is_recorded_and_a_removed_enforcing_server_is_warned
             .filter_map(|r| r.get("config").cloned())
             .collect()
     };
-    eventually("no config record for the reload", || configs().len() >= 2).await;
+    until(20, "no config record for the reload", || {
+        configs().len() >= 2
+    })
+    .await;
     stop(gw);
     let c = configs();
     assert_eq!(c[0]["reason"], "start");

@@ -17,6 +17,7 @@ use common::keys::keys;
 use common::node::{post_token, send};
 use common::requests::request;
 use common::tokens::open;
+use common::until;
 
 const READ_TIMEOUT: &str = r#"tss_gateway_connections_refused_total{reason="read_timeout"}"#;
 const NOT_ALLOWED: &str = r#"tss_gateway_connections_refused_total{reason="not_allowed"}"#;
@@ -42,17 +43,6 @@ async fn read_until_closed(
             Err(_) => return (out, None),
         }
     }
-}
-
-/// Waits until `what` holds, checking every 20 ms, for at most 30 s.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..1500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
 }
 
 /// The reproduction of issue 19 §2: a thousand connections that send the headers and 12 bytes
@@ -149,7 +139,7 @@ async fn read_timeout_counts_from_the_first_byte_not_the_idle_time_before() {
         closed >= Duration::from_millis(900) && closed < Duration::from_secs(8),
         "{closed:?}"
     );
-    until("the slow head is counted", || {
+    until(30, "the slow head is counted", || {
         gw.metric(READ_TIMEOUT) == 1.0
     })
     .await;
@@ -185,7 +175,7 @@ async fn a_slow_body_after_100_continue_is_closed_at_read_timeout() {
         closed >= Duration::from_millis(900) && closed < Duration::from_secs(15),
         "{closed:?}"
     );
-    until("counted", || gw.metric(READ_TIMEOUT) == 1.0).await;
+    until(30, "counted", || gw.metric(READ_TIMEOUT) == 1.0).await;
     assert_eq!(a.calls(), 0);
     gw.stop().await;
 }

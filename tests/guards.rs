@@ -17,17 +17,7 @@ use common::keys::keys;
 use common::node::{node_form, send};
 use common::requests::request;
 use common::tokens::{open, token, CallbackResponse};
-
-/// Waits until `what` holds, checking every 20 ms, for at most 30 s.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..1500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
-}
+use common::until;
 
 /// Go's `encoding/json` reads `Request_Type` into `request_type` (the last key wins), so a
 /// downstream written in Go would see type 5 and detail "evil" where the gateway checked type 2:
@@ -185,7 +175,7 @@ async fn shutdown_waits_for_the_deadline_of_the_requests_in_flight() {
             })
         })
         .collect();
-    until("every request reaches the server", || a.calls() == N).await;
+    until(30, "every request reaches the server", || a.calls() == N).await;
     std::fs::write(
         &config,
         config_yaml(

@@ -19,6 +19,7 @@ use common::keys::{keys, KeyPair};
 use common::node::{node_form, send};
 use common::requests::{request, request_id_of};
 use common::tokens::{open, token, CallbackResponse};
+use common::until;
 
 /// A signed CallbackResponse of exactly these JSON fields, as `key` signs it (raw token body).
 fn signed_body(key: &KeyPair, fields: serde_json::Value, iss: &str) -> Vec<u8> {
@@ -259,17 +260,6 @@ async fn counting_downstream(key: &KeyPair, name: &str, delay: Duration) -> Coun
     }
 }
 
-/// Waits (bounded) until `ready` holds.
-async fn until(what: &str, ready: impl Fn() -> bool) {
-    for _ in 0..400 {
-        if ready() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never: {what}");
-}
-
 /// Beyond `max_in_flight`, a request is answered at once with HTTP 503 and `Retry-After`: no
 /// token, its body never read (it need not even arrive), nobody called, counted as
 /// `outcome="overloaded"`. Once a place is free, requests are decided again.
@@ -293,7 +283,7 @@ async fn beyond_max_in_flight_requests_get_503_unread_and_unsigned() {
             )
         })
         .collect();
-    until("both requests reach the server", || {
+    until(10, "both requests reach the server", || {
         slow.now.load(Ordering::SeqCst) == 2
     })
     .await;
@@ -398,7 +388,7 @@ async fn a_flood_is_shed_while_admitted_requests_are_held() {
             tokio::spawn(async move { send(&url, &request("key_sign", &format!("in-{i}"))).await })
         })
         .collect();
-    until("every admitted request reaches the server", || {
+    until(10, "every admitted request reaches the server", || {
         waiting.load(Ordering::SeqCst) == ADMITTED
     })
     .await;
@@ -492,7 +482,10 @@ async fn a_call_that_never_gets_a_slot_is_a_timeout() {
     let gw = Gateway::start(&[entry(&hung, "max_concurrent: 1")], "deadline_ms: 5000").await;
     let url = gw.url();
     let holder = tokio::spawn(async move { send(&url, &request("key_sign", "holder")).await });
-    until("the first call reaches the server", || hung.calls() == 1).await;
+    until(10, "the first call reaches the server", || {
+        hung.calls() == 1
+    })
+    .await;
 
     // The next generation has a short deadline; the holder keeps its slot for its own 5 s.
     gw.reload_with(&config_yaml(

@@ -16,23 +16,12 @@ use common::keys::keys;
 use common::node::send;
 use common::pki::Pki;
 use common::requests::request;
+use common::until;
 use tss_callback_gateway::generation::Generation;
 use tss_callback_gateway::ops::reload;
 
 async fn ds(name: &str, i: usize, answer: Answer) -> Downstream {
     Downstream::start(name, &keys().servers[i], always(answer), 0).await
-}
-
-/// Polls `done` every 20 ms until it holds, failing after `secs` seconds with `what`.
-async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Writes `bytes` to `path` atomically (write aside, then rename).

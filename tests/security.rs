@@ -20,15 +20,7 @@ use common::keys::{keys, KeyPair};
 use common::node::{node_form, send};
 use common::requests::{request, request_id_of};
 use common::tokens::{form_token, open, token, CallbackResponse};
-
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < Duration::from_secs(10), "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use common::until;
 
 /// A payload like the node's, plus top-level `extra` members.
 fn payload_with(request_id: &str, extra: &str) -> Vec<u8> {
@@ -64,7 +56,7 @@ async fn a_payload_carrying_status_or_action_is_refused_and_never_forwarded() {
     send(&gw.url(), &request("key_sign", "clean"))
         .await
         .expect(0, "APPROVE", &[]);
-    eventually("the shadow call lands", || shadow.calls() == 1).await;
+    until(10, "the shadow call lands", || shadow.calls() == 1).await;
     assert_eq!(enforcing.calls(), 1);
     assert!(enforcing.seen().iter().all(|s| s.request_id == "clean"));
 }
@@ -167,15 +159,15 @@ async fn abandoned_requests_leave_no_duplicate_memory_behind() {
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         let payload = request("key_sign", &format!("abandoned-{i}"));
         s.write_all(&http_post(&node_form(&payload))).await.unwrap();
-        eventually("the request is forwarded", || slow.calls() == i + 1).await;
+        until(10, "the request is forwarded", || slow.calls() == i + 1).await;
         // The node gives up mid-decision.
         drop(s);
     }
-    eventually("nothing in flight", || {
+    until(10, "nothing in flight", || {
         gw.metric("tss_gateway_in_flight_requests") == 0.0
     })
     .await;
-    eventually("the duplicate memory empties", || {
+    until(10, "the duplicate memory empties", || {
         gw.shared.dedup.is_empty()
     })
     .await;
@@ -273,7 +265,7 @@ async fn after_an_emergency_stop_an_in_flight_evaluation_is_not_shared() {
         let (url, payload) = (url.clone(), payload.clone());
         tokio::spawn(async move { send(&url, &payload).await })
     };
-    eventually("the first request is forwarded", || a.calls() == 1).await;
+    until(10, "the first request is forwarded", || a.calls() == 1).await;
     reload_to(&gw, &[entry(&a, "")], REJECT_ALL).await;
     let twin = send(&url, &payload).await;
     twin.expect(0, "REJECT", &["embedded risk control: key_sign reject_all"]);
