@@ -100,7 +100,7 @@ impl Shared {
     pub(crate) fn set_config_gauges(&self) {
         let g = self.current.load();
         for d in &g.downstreams {
-            self.metrics.register_server(&d.name);
+            self.metrics.register_server(&d.name, d.mode);
         }
         for mode in [Mode::Enforce, Mode::Shadow] {
             let n = g.downstreams.iter().filter(|d| d.mode == mode).count();

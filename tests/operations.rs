@@ -435,9 +435,12 @@ async fn health_checks_feed_readyz_and_the_up_gauge_but_never_approve() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(gw.metric(r#"tss_gateway_downstream_up{server="up"}"#), 1.0);
     assert_eq!(
-        gw.metric(r#"tss_gateway_downstream_up{server="down"}"#),
+        gw.metric(r#"tss_gateway_downstream_up{mode="enforce",server="up"}"#),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(r#"tss_gateway_downstream_up{mode="enforce",server="down"}"#),
         0.0
     );
     assert!(

@@ -104,7 +104,7 @@ async fn ping_answered_without_action_is_healthy_and_nothing_else_is() {
         1.0
     );
     // The health checker's Ping gets the same answer and counts the server up.
-    let series = r#"tss_gateway_downstream_up{server="node-v1"}"#;
+    let series = r#"tss_gateway_downstream_up{mode="enforce",server="node-v1"}"#;
     let mut up = 0.0;
     for _ in 0..200 {
         up = gw.metric(series);

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::downstream::{always, Answer, Downstream};
-use common::gateway::{config_yaml, entry, free_port, rss_of, spawn_run, Gateway};
-use common::http::get_json;
+use common::gateway::{config_yaml, entry, entry_at, free_port, rss_of, spawn_run, Gateway};
+use common::http::{get, get_json};
 use common::keys::keys;
 use common::node::send;
 use common::pki::Pki;
@@ -268,7 +268,7 @@ async fn series_of_renamed_servers_are_deleted() {
         .await
         .expect(0, "APPROVE", &[]);
     until(5, "a health check", || {
-        gw.metric(r#"tss_gateway_downstream_up{server="a"}"#) == 1.0
+        gw.metric(r#"tss_gateway_downstream_up{mode="enforce",server="a"}"#) == 1.0
     })
     .await;
     let one_server = gw.shared.metrics.render().len();
@@ -301,6 +301,74 @@ async fn series_of_renamed_servers_are_deleted() {
         "/metrics grew from {one_server} to {} bytes",
         text.len()
     );
+}
+
+/// Issue 21 §5: `tss_gateway_downstream_up` carries each server's mode (alerts page for enforcing
+/// servers only), and a reload that switches a server's mode deletes the series of its old mode
+/// at once: no `mode="enforce"` series stays behind for a server that is now in shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downstream_up_carries_the_mode_and_a_switch_leaves_no_stale_series() {
+    let a = ds("a", 0, Answer::approve()).await;
+    let b = ds("b", 1, Answer::approve()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = format!("http://{}/v2/check", closed.local_addr().unwrap());
+    drop(closed);
+    let extra = "health_check_interval_ms: 100";
+    let gw = Gateway::start(
+        &[
+            entry(&a, ""),
+            entry_at(&b, &refused, "mode: shadow\nretries: 0"),
+        ],
+        extra,
+    )
+    .await;
+    let up_lines = |text: &str| -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("tss_gateway_downstream_up{"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let scrape = || async { get(&format!("http://{}/metrics", gw.addr)).await.1 };
+    let before = [
+        r#"tss_gateway_downstream_up{mode="enforce",server="a"} 1"#,
+        r#"tss_gateway_downstream_up{mode="shadow",server="b"} 0"#,
+    ];
+    until(10, "both servers health-checked", || {
+        up_lines(&gw.shared.metrics.render()) == before
+    })
+    .await;
+    assert_eq!(up_lines(&scrape().await), before);
+
+    // a goes to shadow, b (still down) starts to enforce.
+    gw.write_config(&config_yaml(
+        gw.addr,
+        &[
+            entry(&a, "mode: shadow"),
+            entry_at(&b, &refused, "retries: 0"),
+        ],
+        extra,
+    ));
+    reload::reload(&gw.shared, &gw.config_path, "test").unwrap();
+    let text = scrape().await;
+    for stale in before {
+        let series = stale.rsplit_once(' ').unwrap().0;
+        assert!(
+            !text.contains(series),
+            "{series} still exported after the reload:\n{text}"
+        );
+    }
+    let after = [
+        r#"tss_gateway_downstream_up{mode="enforce",server="b"} 0"#,
+        r#"tss_gateway_downstream_up{mode="shadow",server="a"} 1"#,
+    ];
+    until(10, "both servers health-checked in their new mode", || {
+        up_lines(&gw.shared.metrics.render()) == after
+    })
+    .await;
+    assert_eq!(up_lines(&scrape().await), after);
 }
 
 /// Issue 20 item 9: after 1,000 reloads no old generation is alive once its requests are done

@@ -89,11 +89,13 @@ impl Health {
         states.retain(|name, _| g.downstreams.iter().any(|d| &d.name == name));
         for (name, v) in results {
             let up = v.outcome == Outcome::Approved;
-            shared
-                .metrics
-                .downstream_up
-                .with_label_values(&[&name])
-                .set(i64::from(up));
+            shared.metrics.set_downstream_up(&name, up, || {
+                let now = shared.current.load();
+                now.downstreams
+                    .iter()
+                    .find(|d| d.name == name)
+                    .map(|d| d.mode)
+            });
             states.insert(
                 name,
                 HealthState {

@@ -2,6 +2,7 @@
 //! dashboards and alerts depend on these names and label values.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
@@ -9,6 +10,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::config::Mode;
 use crate::protocol::RequestType;
 use crate::verdict::{Outcome, Verdict};
 
@@ -27,7 +29,14 @@ pub struct Metrics {
     pub(crate) request_duration: HistogramVec,
     pub(crate) downstream_requests: IntCounterVec,
     pub(crate) downstream_duration: HistogramVec,
-    pub(crate) downstream_up: IntGaugeVec,
+    /// `tss_gateway_downstream_up{server,mode}`: written only through
+    /// [`Metrics::set_downstream_up`] and [`Metrics::register_server`], which keep one series
+    /// per server, in its current mode.
+    downstream_up: IntGaugeVec,
+    /// Held while a `downstream_up` series is written or a reload's stale mode is deleted, so a
+    /// health check that ends as a reload switches the server's mode cannot bring the old
+    /// series back.
+    downstream_up_lock: Arc<Mutex<()>>,
     pub(crate) downstream_slot_wait: HistogramVec,
     pub(crate) in_flight: IntGauge,
     pub(crate) embedded_rejections: IntCounterVec,
@@ -100,9 +109,10 @@ impl Metrics {
             downstream_up: gauges(
                 &r,
                 "tss_gateway_downstream_up",
-                "1 if the last health check of the server succeeded.",
-                &["server"],
+                "1 if the last health check of the server succeeded; mode is the server's mode (enforce, shadow).",
+                &["server", "mode"],
             ),
+            downstream_up_lock: Arc::default(),
             downstream_slot_wait: histogram(
                 &r,
                 "tss_gateway_downstream_slot_wait_seconds",
@@ -223,8 +233,23 @@ impl Metrics {
         }
     }
 
-    /// Creates every series of one downstream server at zero (at start and when a reload adds it).
-    pub(crate) fn register_server(&self, server: &str) {
+    /// Creates every series of one downstream server at zero (at start and when a reload adds it),
+    /// and deletes its `downstream_up` series of another mode than `mode` (a reload switched it):
+    /// alerts page for enforcing servers only, so a stale `mode="enforce"` series must not stay.
+    pub(crate) fn register_server(&self, server: &str, mode: Mode) {
+        {
+            let _guard = self
+                .downstream_up_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for other in [Mode::Enforce, Mode::Shadow] {
+                if other != mode {
+                    let _ = self
+                        .downstream_up
+                        .remove_label_values(&[server, other.as_str()]);
+                }
+            }
+        }
         for o in Outcome::RECORDED {
             self.downstream_requests
                 .with_label_values(&[server, o.as_str()]);
@@ -239,6 +264,28 @@ impl Metrics {
         forget(&self.downstream_duration, server);
         forget(&self.downstream_up, server);
         forget(&self.downstream_slot_wait, server);
+    }
+
+    /// Sets `tss_gateway_downstream_up{server,mode}` after a health check of `server`, in the
+    /// mode `mode_now` gives it in the running config, read under the lock
+    /// [`Metrics::register_server`] takes: a reload that switches the mode meanwhile either
+    /// comes first (the check writes the new mode) or deletes what the check wrote. `None`: the
+    /// server has left the config, and nothing is written.
+    pub(crate) fn set_downstream_up(
+        &self,
+        server: &str,
+        up: bool,
+        mode_now: impl FnOnce() -> Option<Mode>,
+    ) {
+        let _guard = self
+            .downstream_up_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(mode) = mode_now() {
+            self.downstream_up
+                .with_label_values(&[server, mode.as_str()])
+                .set(i64::from(up));
+        }
     }
 
     /// Counts one finished call in `tss_gateway_downstream_requests_total{server,outcome}` and,
