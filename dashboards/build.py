@@ -1,15 +1,21 @@
 """Writes tss-callback-gateway.json, the Grafana (10+) dashboard. Edit here, run
-`python3 dashboards/build.py`, commit both. tests/observability evaluates every expression."""
+`python3 dashboards/build.py`, commit both (`--check`: fail if the JSON is stale).
+tests/observability evaluates every expression; scripts/check-deploy.sh checks the structure."""
 
 import json
 import pathlib
+import sys
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
-SRV = 'server=~"$server"'
+# Every query is filtered by the `instance` variable (Kubernetes runs 2 replicas; check-deploy.sh
+# checks that none is missing); per-server ones by `server` too.
+INST = 'instance=~"$instance"'
+SRV = f'{INST}, server=~"$server"'
 panels = []
 
 
-def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, description=""):
+def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, description="", options=None,
+          mappings=None, thresholds=None):
     p = {
         "id": len(panels) + 1,
         "title": title,
@@ -22,23 +28,30 @@ def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, descrip
             for i, (expr, legend) in enumerate(targets)
         ],
         "fieldConfig": {"defaults": {"unit": unit or "short"}, "overrides": []},
-        "options": {},
+        "options": options or {},
     }
+    if mappings:
+        p["fieldConfig"]["defaults"]["mappings"] = mappings
+    if thresholds:
+        p["fieldConfig"]["defaults"]["thresholds"] = {"mode": "absolute", "steps": thresholds}
     if kind == "timeseries" and stack:
         p["fieldConfig"]["defaults"]["custom"] = {"stacking": {"mode": "normal"}, "fillOpacity": 60}
     panels.append(p)
 
 
 panel("Decisions per second by type and outcome", "timeseries",
-      [("sum by (type, outcome) (rate(tss_gateway_requests_total[$__rate_interval]))", "{{type}} {{outcome}}")],
+      [(f"sum by (type, outcome) (rate(tss_gateway_requests_total{{{INST}}}[$__rate_interval]))", "{{type}} {{outcome}}")],
       0, 0, unit="reqps")
 panel("Approval ratio", "stat",
-      [('sum(rate(tss_gateway_requests_total{outcome="approved"}[$__rate_interval])) / sum(rate(tss_gateway_requests_total[$__rate_interval]))', "approved")],
+      [(f'sum(rate(tss_gateway_requests_total{{{INST}, outcome="approved"}}[$__rate_interval])) / sum(rate(tss_gateway_requests_total{{{INST}}}[$__rate_interval]))', "approved")],
       12, 0, w=6, unit="percentunit")
-panel("Version", "stat", [("tss_gateway_build_info", "{{version}}")], 18, 0, w=6,
-      description="tss_gateway_build_info per instance")
+# The value of tss_gateway_build_info is always 1: show the series name, its version label.
+panel("Version", "stat", [(f"count by (version) (tss_gateway_build_info{{{INST}}})", "{{version}}")], 18, 0, w=6,
+      description="the version label of tss_gateway_build_info; one per version while replicas differ",
+      options={"textMode": "name", "colorMode": "none", "graphMode": "none", "justifyMode": "center",
+               "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}})
 panel("Gateway latency p50 / p95 / p99", "timeseries",
-      [(f"histogram_quantile({q}, sum by (le) (rate(tss_gateway_request_duration_seconds_bucket[$__rate_interval])))", f"p{int(q * 100)}")
+      [(f"histogram_quantile({q}, sum by (le) (rate(tss_gateway_request_duration_seconds_bucket{{{INST}}}[$__rate_interval])))", f"p{int(q * 100)}")
        for q in (0.5, 0.95, 0.99)],
       0, 8, unit="s")
 panel("Per-server latency p99", "timeseries",
@@ -50,19 +63,26 @@ panel("Per-server outcomes", "timeseries",
 panel("Timeouts and failures per server", "timeseries",
       [(f'sum by (server, outcome) (rate(tss_gateway_downstream_requests_total{{{SRV}, outcome!~"approved|rejected|cancelled"}}[$__rate_interval]))', "{{server}} {{outcome}}")],
       12, 16, unit="reqps")
-panel("Downstream up", "stat", [(f"tss_gateway_downstream_up{{{SRV}}}", "{{server}}")], 0, 24, w=8,
-      description="1 = the last signed health ping was answered with status 0")
-panel("In flight", "timeseries", [("sum(tss_gateway_in_flight_requests)", "in flight")], 8, 24, w=8)
+panel("Downstream up", "stat",
+      [(f"min by (server, mode) (tss_gateway_downstream_up{{{SRV}}})", "{{server}} ({{mode}})")], 0, 24, w=8,
+      description="UP: the last signed health ping was answered with status 0 (by every selected replica); "
+                  "DOWN: it was not. Only a down enforcing server stops approvals.",
+      options={"textMode": "value_and_name", "colorMode": "background", "graphMode": "none",
+               "justifyMode": "auto", "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+      mappings=[{"type": "value", "options": {"1": {"text": "UP", "color": "green", "index": 0},
+                                              "0": {"text": "DOWN", "color": "red", "index": 1}}}],
+      thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}])
+panel("In flight", "timeseries", [(f"sum(tss_gateway_in_flight_requests{{{INST}}})", "in flight")], 8, 24, w=8)
 panel("Embedded-rule rejections", "timeseries",
-      [("sum by (type) (rate(tss_gateway_embedded_rejections_total[$__rate_interval]))", "{{type}}")], 16, 24, w=8, unit="reqps")
+      [(f"sum by (type) (rate(tss_gateway_embedded_rejections_total{{{INST}}}[$__rate_interval]))", "{{type}}")], 16, 24, w=8, unit="reqps")
 panel("Config reloads", "timeseries",
-      [("sum by (result) (increase(tss_gateway_config_reloads_total[$__rate_interval]))", "{{result}}")], 0, 32, w=8)
+      [(f"sum by (result) (increase(tss_gateway_config_reloads_total{{{INST}}}[$__rate_interval]))", "{{result}}")], 0, 32, w=8)
 panel("Time since the last good config load", "stat",
-      [("time() - max(tss_gateway_config_last_reload_success_timestamp_seconds)", "since last good load")], 8, 32, w=8, unit="s")
+      [(f"time() - max(tss_gateway_config_last_reload_success_timestamp_seconds{{{INST}}})", "since last good load")], 8, 32, w=8, unit="s")
 panel("Callback servers by mode", "stat",
-      [("sum by (mode) (tss_gateway_callback_servers)", "{{mode}}")], 16, 32, w=8)
+      [(f"max by (mode) (tss_gateway_callback_servers{{{INST}}})", "{{mode}}")], 16, 32, w=8)
 panel("Shed: HTTP 503 beyond max_in_flight", "timeseries",
-      [('sum(rate(tss_gateway_requests_total{outcome="overloaded"}[$__rate_interval]))', "overloaded")],
+      [(f'sum(rate(tss_gateway_requests_total{{{INST}, outcome="overloaded"}}[$__rate_interval]))', "overloaded")],
       0, 40, unit="reqps",
       description="requests answered 503 + Retry-After without being read; the TSS Node retries them")
 panel("Per-server wait for a max_concurrent slot p99", "timeseries",
@@ -85,9 +105,13 @@ dashboard = {
     "templating": {"list": [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1},
+        {"name": "instance", "label": "Instance", "type": "query", "datasource": DS,
+         "query": {"query": "label_values(tss_gateway_build_info, instance)", "refId": "instance"},
+         "definition": "label_values(tss_gateway_build_info, instance)",
+         "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
         {"name": "server", "label": "Server", "type": "query", "datasource": DS,
-         "query": {"query": "label_values(tss_gateway_downstream_requests_total, server)", "refId": "server"},
-         "definition": "label_values(tss_gateway_downstream_requests_total, server)",
+         "query": {"query": f"label_values(tss_gateway_downstream_requests_total{{{INST}}}, server)", "refId": "server"},
+         "definition": f"label_values(tss_gateway_downstream_requests_total{{{INST}}}, server)",
          "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
     ]},
     "annotations": {"list": []},
@@ -95,5 +119,11 @@ dashboard = {
 }
 
 out = pathlib.Path(__file__).with_name("tss-callback-gateway.json")
-out.write_text(json.dumps(dashboard, indent=2) + "\n")
-print(f"wrote {out}")
+text = json.dumps(dashboard, indent=2) + "\n"
+if "--check" in sys.argv:
+    if out.read_text() != text:
+        sys.exit(f"{out} is stale: run python3 dashboards/build.py")
+    print(f"{out.name} matches dashboards/build.py")
+else:
+    out.write_text(text)
+    print(f"wrote {out}")

@@ -3,6 +3,10 @@
 #   - every Kubernetes manifest and the kustomize output against the Kubernetes schemas
 #     (kubernetes-validate); the Prometheus Operator CRDs structurally; the PrometheusRule is in
 #     sync with deploy/prometheus/alerts.yml
+#   - the alert rules' runbook_url links agree with the PrometheusRule (gen-prometheusrule.py --check)
+#   - the Grafana dashboard: in sync with dashboards/build.py, and structurally (no Grafana schema
+#     checker installs from pip or npm: @grafana/schema is TypeScript types only): every query
+#     filtered by $instance, the variables, the Version and Downstream up panels
 #   - the gateway configs shipped in the ConfigMap and the compose stack pass `check-config`
 #   - the compose file with `docker-compose config` (Debian's docker-compose)
 #   - the systemd unit with `systemd-analyze verify`
@@ -64,7 +68,7 @@ for path in sorted(base.glob("*.yaml")):
             else:
                 for g in d["spec"]["groups"]:
                     for rule in g["rules"]:
-                        assert rule["alert"] and rule["expr"] and rule["annotations"]["runbook"], path
+                        assert rule["alert"] and rule["expr"] and rule["annotations"]["runbook_url"], path
             print(f"{path}: {d['kind']} checked structurally")
             continue
         kubernetes_validate.validate(d, "1.30", strict=True)
@@ -89,6 +93,49 @@ assert dep["spec"]["replicas"] >= 2
 assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
 assert all("subPath" not in m for m in c["volumeMounts"]), "subPath mounts never see ConfigMap updates"
+PY
+
+echo "== Grafana dashboard"
+"$VENV/bin/python" dashboards/build.py --check
+"$VENV/bin/python" - dashboards/tss-callback-gateway.json <<'PY'
+import json, re, sys
+
+path = sys.argv[1]
+d = json.load(open(path))
+variables = {v["name"]: v for v in d["templating"]["list"]}
+assert list(variables) == ["datasource", "instance", "server"], list(variables)
+for name in ("instance", "server"):
+    v = variables[name]
+    assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", v
+assert "tss_gateway_build_info" in variables["instance"]["query"]["query"]
+assert 'instance=~"$instance"' in variables["server"]["query"]["query"]
+assert len({p["id"] for p in d["panels"]}) == len(d["panels"]), "panel ids repeat"
+selector = re.compile(r"\b(tss_gateway_\w+)(\{[^}]*\})?")
+for p in d["panels"]:
+    assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    g = p["gridPos"]
+    assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, (p["title"], g)
+    assert p["targets"], p["title"]
+    for t in p["targets"]:
+        uses = selector.findall(t["expr"])
+        assert uses, (p["title"], t["expr"])
+        for metric, labels in uses:
+            assert 'instance=~"$instance"' in labels, f"{p['title']}: {metric} is not filtered by $instance"
+        if "by (server" in t["expr"]:
+            assert 'server=~"$server"' in t["expr"], f"{p['title']}: not filtered by $server"
+panels = {p["title"]: p for p in d["panels"]}
+version = panels["Version"]
+# tss_gateway_build_info is always 1: the stat shows the series name, the version label.
+assert version["options"]["textMode"] == "name", version["options"]
+assert [t["legendFormat"] for t in version["targets"]] == ["{{version}}"]
+up = panels["Downstream up"]
+mappings = up["fieldConfig"]["defaults"]["mappings"]
+values = {k: v for m in mappings if m["type"] == "value" for k, v in m["options"].items()}
+assert values["1"]["text"] == "UP" and values["1"]["color"] == "green", values
+assert values["0"]["text"] == "DOWN" and values["0"]["color"] == "red", values
+assert all("{{mode}}" in t["legendFormat"] and "mode" in t["expr"] for t in up["targets"]), up["targets"]
+assert up["options"]["colorMode"] == "background"
+print(f"{path}: {len(d['panels'])} panels, every query filtered by $instance; Version and Downstream up checked")
 PY
 
 echo "== shipped gateway configs"

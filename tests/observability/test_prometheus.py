@@ -134,6 +134,34 @@ embedded_risk_control_rules:
 """
 
 
+def start_prometheus(tmp, gateway_port, rule_files):
+    """Prometheus scraping the gateway every second and evaluating `rule_files` every second;
+    returns once it has scraped the gateway twice."""
+    prom_port = free_port()
+    prom_config = tmp / "prometheus.yml"
+    prom_config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(f) for f in rule_files],
+        "scrape_configs": [{"job_name": "tss-callback-gateway",
+                            "static_configs": [{"targets": [f"127.0.0.1:{gateway_port}"]}]}],
+    }))
+    prom = subprocess.Popen([tool("prometheus"), f"--config.file={prom_config}", f"--storage.tsdb.path={tmp}/tsdb",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prom_url = f"http://127.0.0.1:{prom_port}"
+    wait_http(f"{prom_url}/-/ready", timeout=60)
+    # Prometheus applies a new target only after its discovery settles (a few seconds): wait for
+    # two scrapes of the gateway, so every counter's change after this lands between scrapes.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        r = requests.get(f"{prom_url}/api/v1/query", params={"query": "count_over_time(up[1m])"}, timeout=5).json()
+        if r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) >= 2:
+            return prom, prom_url
+        time.sleep(0.5)
+    prom.terminate()
+    pytest.fail("Prometheus never scraped the gateway")
+
+
 @pytest.fixture(scope="module")
 def stack():
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="tss-obs-"))
@@ -161,28 +189,7 @@ def stack():
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/healthz")
 
-    prom_port = free_port()
-    prom_config = tmp / "prometheus.yml"
-    prom_config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(PROM_DIR / "alerts.yml")],
-        "scrape_configs": [{"job_name": "tss-callback-gateway", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-    }))
-    prom = subprocess.Popen([tool("prometheus"), f"--config.file={prom_config}", f"--storage.tsdb.path={tmp}/tsdb",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    prom_url = f"http://127.0.0.1:{prom_port}"
-    wait_http(f"{prom_url}/-/ready", timeout=60)
-    # Prometheus applies a new target only after its discovery settles (a few seconds): wait for
-    # two scrapes of the gateway, so every counter's change below lands between scrapes.
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        r = requests.get(f"{prom_url}/api/v1/query", params={"query": "count_over_time(up[1m])"}, timeout=5).json()
-        if r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) >= 2:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("Prometheus never scraped the gateway")
+    prom, prom_url = start_prometheus(tmp, port, [PROM_DIR / "alerts.yml"])
 
     node_key = (tmp / "tss-node-pri.pem").read_bytes()
     url = f"{base}/v2/check"
@@ -294,16 +301,34 @@ def dashboard_expressions():
 
 def substitute(expr, servers):
     return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "5m")
-            .replace("${server}", "|".join(servers)).replace("$server", "|".join(servers)))
+            .replace("${server}", "|".join(servers)).replace("$server", "|".join(servers))
+            .replace("$instance", ".*"))
 
 
 def test_every_dashboard_expression_returns_data(stack):
     d, exprs = dashboard_expressions()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert "datasource" in names and "server" in names
+    assert names == ["datasource", "instance", "server"], names
     assert len(exprs) >= 13
     for title, expr in exprs:
         assert query(stack["prom"], substitute(expr, stack["servers"])), f"no data for {title}: {expr}"
+
+
+def test_the_dashboard_shows_the_version_string_and_each_servers_mode(stack):
+    d, _ = dashboard_expressions()
+    panels = {p["title"]: p for p in d["panels"]}
+    version = subprocess.run([gateway_bin(), "--version"], capture_output=True, text=True, check=True).stdout.split()[-1]
+    (target,) = panels["Version"]["targets"]
+    series = query(stack["prom"], substitute(target["expr"], stack["servers"]))
+    # The stat shows the series' name (textMode "name"), which the legend makes the version label.
+    assert panels["Version"]["options"]["textMode"] == "name" and target["legendFormat"] == "{{version}}"
+    assert [s["metric"]["version"] for s in series] == [version], series
+    (target,) = panels["Downstream up"]["targets"]
+    series = query(stack["prom"], substitute(target["expr"], stack["servers"]))
+    shown = {s["metric"]["server"]: (s["metric"]["mode"], s["value"][1]) for s in series}
+    assert shown == {"approver": ("enforce", "1"), "rejecter": ("enforce", "1"),
+                     "slow": ("enforce", "0"), "broken": ("enforce", "0")}, shown
+    assert "{{mode}}" in target["legendFormat"]
 
 
 def alert_rules():
@@ -314,16 +339,18 @@ def alert_rules():
 COMPARISON = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*[0-9.e+-]+\s*$")
 
 
-def test_every_alert_expression_returns_data(stack):
+def test_every_alert_expression_returns_data(stack, shadow_stack):
     rules = alert_rules()
     assert {r["alert"] for r in rules} >= {"TssGatewayDownstreamDown", "TssGatewayDownstreamFailing",
                                            "TssGatewaySlow", "TssGatewayFailedAnswers", "TssGatewayReloadFailed"}
     for r in rules:
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook_url"):
             assert r["annotations"].get(key), (r["alert"], key)
         measure = COMPARISON.sub("", r["expr"].strip())
         assert measure != r["expr"].strip(), f"{r['alert']}: expression is not `<measure> <op> <threshold>`"
-        assert query(stack["prom"], measure), f"no data for {r['alert']}: {measure}"
+        # The workload stack has no shadow server; the shadow stack has.
+        assert query(stack["prom"], measure) or query(shadow_stack["prom"], measure), \
+            f"no data for {r['alert']}: {measure}"
     # This workload makes some alerts' conditions true right away.
     firing_now = {r["alert"] for r in rules if query(stack["prom"], r["expr"])}
     assert {"TssGatewayDownstreamDown", "TssGatewayDownstreamFailing", "TssGatewayFailedAnswers",
@@ -333,11 +360,16 @@ def test_every_alert_expression_returns_data(stack):
     assert all(rule["health"] in ("ok", "unknown") for g in groups for rule in g["rules"])
 
 
-def test_runbooks_exist_in_the_readme():
+def test_runbooks_are_full_urls_to_headings_of_the_readme():
     readme = (ROOT / "README.md").read_text().lower()
+    bases = set()
     for r in alert_rules():
-        anchor = r["annotations"]["runbook"].split("#", 1)[1]
-        assert f'id="{anchor}"' in readme or f"### alert: {r['alert'].lower()}" in readme, anchor
+        base, _, anchor = r["annotations"]["runbook_url"].partition("#")
+        assert re.match(r"^https?://[^/\s]+/", base), (r["alert"], base)
+        assert anchor == f"alert-{r['alert'].lower()}", (r["alert"], anchor)
+        assert f"\n### alert: {r['alert'].lower()}\n" in readme, f"README has no runbook heading for {r['alert']}"
+        bases.add(base)
+    assert len(bases) == 1, bases
 
 
 def test_promtool_accepts_the_config_and_rules():
@@ -346,3 +378,117 @@ def test_promtool_accepts_the_config_and_rules():
     assert out.returncode == 0, out.stdout + out.stderr
     out = subprocess.run([promtool, "check", "rules", str(PROM_DIR / "alerts.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_unit_tests_of_the_alerts(tmp_path):
+    """tests/observability/alerts_test.yml: only an enforcing server being down pages, a shadow
+    one is a later warning, a mode switch resolves the page, a reload failure lasts as long as the
+    bad file, a missing gateway pages. The test expects the shipped runbook base; a copy whose
+    base was changed with --runbook-base is tested with its own base put in."""
+    base = alert_rules()[0]["annotations"]["runbook_url"].split("#", 1)[0]
+    (tmp_path / "deploy" / "prometheus").mkdir(parents=True)
+    (tmp_path / "tests" / "observability").mkdir(parents=True)
+    shutil.copy(PROM_DIR / "alerts.yml", tmp_path / "deploy" / "prometheus" / "alerts.yml")
+    test = (ROOT / "tests" / "observability" / "alerts_test.yml").read_text()
+    assert SHIPPED_RUNBOOK_BASE in test
+    unit = tmp_path / "tests" / "observability" / "alerts_test.yml"
+    unit.write_text(test.replace(SHIPPED_RUNBOOK_BASE, base))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(unit)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+SHIPPED_RUNBOOK_BASE = "https://github.com/cobo/tss-callback-gateway/blob/main/README.md"
+
+
+# === a shadow server does not page ===
+
+
+@pytest.fixture(scope="module")
+def shadow_stack():
+    """A gateway with an enforcing server and a shadow server that both fail their health pings
+    (HTTP 500, at once), and one enforcing server that answers (a long timeout: a busy machine
+    must not make it look down), scraped by a Prometheus that evaluates a copy of
+    alerts.yml without `for:` (an alert fires at the first evaluation that matches)."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="tss-obs-shadow-"))
+    gw = gateway_bin()
+    for name in ["tss-node", "gateway", "guard", "canary", "approver"]:
+        subprocess.run([gw, "keygen", "--out", str(tmp), "--name", name], check=True, capture_output=True)
+    gateway_pub = (tmp / "gateway-pub.key").read_bytes()
+    modes = {"guard": ("fail", "enforce"), "canary": ("fail", "shadow"), "approver": ("approve", "enforce")}
+    servers = {n: Downstream(n, (tmp / f"{n}-pri.pem").read_bytes(), gateway_pub, b) for n, (b, _) in modes.items()}
+    port = free_port()
+    lines = [f"listen: 127.0.0.1:{port}", f"tss_node_public_key: {tmp}/tss-node-pub.key",
+             f"gateway_private_key: {tmp}/gateway-pri.pem", "health_check_interval_ms: 300",
+             "callback_servers:"]
+    for n, s in servers.items():
+        lines += [f"  - name: {n}", f"    service_address: {s.url}", f"    pubkey_path: {tmp}/{n}-pub.key",
+                  f"    mode: {modes[n][1]}", "    timeout_ms: 5000", "    retries: 0"]
+    config = tmp / "gateway.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("for", None)
+    fast = tmp / "alerts-without-for.yml"
+    fast.write_text(yaml.safe_dump(rules, sort_keys=False))
+    gateway = subprocess.Popen([gw, "run", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prom = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        prom, prom_url = start_prometheus(tmp, port, [fast])
+        yield {"prom": prom_url}
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+        if prom:
+            prom.terminate()
+            prom.wait(timeout=15)
+        for s in servers.values():
+            s.server.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rule_alerts(prom):
+    """{alert name: [its active alerts, with labels and annotations]} from /api/v1/rules."""
+    groups = requests.get(f"{prom}/api/v1/rules", params={"type": "alert"}, timeout=10).json()["data"]["groups"]
+    return {r["name"]: r["alerts"] for g in groups for r in g["rules"]}
+
+
+def by_server(alerts):
+    return {a["labels"].get("server"): a for a in alerts}
+
+
+def test_a_down_enforcing_server_pages_and_a_down_shadow_server_does_not(shadow_stack):
+    p = shadow_stack["prom"]
+    # Each evaluation where an alert is active writes an ALERTS sample. Two evaluations with the
+    # shadow warning firing: the second ran after the canary's series was in, for every rule of
+    # the group (they run in order, on the same data), so TssGatewayDownstreamDown saw it too.
+    fired_twice = ('count_over_time(ALERTS{alertname="TssGatewayShadowDownstreamDown", server="canary", '
+                   'alertstate="firing"}[5m]) >= 2 and on() count_over_time(ALERTS{'
+                   'alertname="TssGatewayDownstreamDown", server="guard", alertstate="firing"}[5m]) >= 1')
+    deadline = time.time() + 60
+    while not query(p, fired_twice):
+        assert time.time() < deadline, f"the down servers' alerts never fired: {rule_alerts(p)}"
+        time.sleep(0.5)
+    # The gateway exports each server's mode beside its health.
+    assert value(p, 'tss_gateway_downstream_up{server="guard", mode="enforce"}') == 0
+    assert value(p, 'tss_gateway_downstream_up{server="canary", mode="shadow"}') == 0
+    assert value(p, 'tss_gateway_downstream_up{server="approver", mode="enforce"}') == 1
+    assert query(p, 'ALERTS{server="canary", severity="critical"}[5m]') == []
+    assert query(p, 'ALERTS{server="approver"}[5m]') == []
+    alerts = rule_alerts(p)
+    pages = [a for name, active in alerts.items() for a in active if a["labels"]["severity"] == "critical"]
+    assert {a["labels"].get("server") for a in pages if a["labels"].get("server")} == {"guard"}, pages
+    page = by_server(alerts["TssGatewayDownstreamDown"])["guard"]
+    assert page["labels"]["mode"] == "enforce"
+    assert page["annotations"]["runbook_url"].endswith("README.md#alert-tssgatewaydownstreamdown")
+    assert "rejected with status 30" in page["annotations"]["description"]
+    warnings = by_server(alerts["TssGatewayShadowDownstreamDown"])
+    assert set(warnings) == {"canary"}, warnings
+    warning = warnings["canary"]
+    assert warning["labels"]["severity"] == "warning" and warning["labels"]["mode"] == "shadow"
+    # Its wording does not claim that approvals stop.
+    text = warning["annotations"]["summary"] + " " + warning["annotations"]["description"]
+    assert "shadow" in text and "unchanged" in text
+    assert "status 30" not in text and "rejected" not in text, text
+    assert warning["annotations"]["runbook_url"].endswith("README.md#alert-tssgatewayshadowdownstreamdown")
