@@ -165,6 +165,21 @@ fn demo_shows_approvals_and_rejections_and_exits_0() {
     );
     assert!(line("key_reshare").contains("approved") && line("key_reshare").contains("APPROVE"));
     assert!(line("key_sign (forged)").contains("status 20"));
+    // The audit summary says what its lines are: one decision per answer, and the rest.
+    let rows = stdout
+        .lines()
+        .filter(|l| l.ends_with("APPROVE") || l.contains(" REJECT status"))
+        .count();
+    let audit = line("audit log: ");
+    assert!(
+        audit.contains(&format!(": {rows} decisions (one per answer"))
+            && audit.contains("signed checkpoints"),
+        "{rows} answers: {audit}"
+    );
+    assert!(
+        !stdout.contains("WARN") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
 }
 
 /// `run`, `probe` against it (exit 0 approved, 1 not approved, 2 error), then SIGTERM: the

@@ -258,7 +258,8 @@ fn line_kinds(text: &str) -> String {
         "{lines} lines appended: {decisions} decisions (one per answer, written before it was sent), {checkpoints} signed checkpoints"
     );
     for (kind, n) in other {
-        out.push_str(&format!(", {n} {kind}"));
+        let records = if n == 1 { "record" } else { "records" };
+        out.push_str(&format!(", {n} `{kind}` {records}"));
     }
     out
 }
