@@ -447,7 +447,7 @@ fn log_decision(a: &Answer, kind: &str, elapsed: Duration, peer: Option<std::net
         })
         .collect();
     let request_id = client::snippet(&a.request_id);
-    // The error is already capped per server (1 KiB each); the log keeps the same text.
+    // The answer's text, not a snippet of it: capped at 1 KiB as error texts are everywhere.
     let error = crate::verdict::capped(&a.decision.error);
     macro_rules! decision {
         ($level:ident $(, $k:ident = $v:tt)*) => {
