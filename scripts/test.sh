@@ -59,7 +59,10 @@ for expect in APPROVE REJECT; do
 done
 
 # --- Python: Cobo SDK callback servers and TSS Node client; real Prometheus
-export GATEWAY_BIN=$PWD/target/release/tss-callback-gateway
+# Where cargo put the binary: CARGO_TARGET_DIR or a config may move the target folder.
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export GATEWAY_BIN=$target_dir/release/tss-callback-gateway
 suites=()
 for d in tests/interop tests/observability; do
   compgen -G "$d/test_*.py" >/dev/null && suites+=("$d")

@@ -582,12 +582,26 @@ impl ServerConfig {
     fn check_address(&self, at: &dyn Fn(&str) -> String) -> Result<(), FieldError> {
         let only_https = |f: &str| Err((at(f), "only applies to an https service_address".into()));
         let redacted = redact_address(&self.service_address);
+        // `127.0.0.1:11021/v2/check` is no URL at all, and `host:11021/...` parses with `host`
+        // as its scheme: either way the fix is the scheme.
+        if !self.service_address.contains("://") {
+            return Err((
+                at("service_address"),
+                format!(
+                    "`{redacted}` has no scheme; write http://{redacted} or https://{redacted}"
+                ),
+            ));
+        }
         match reqwest::Url::parse(&self.service_address) {
             Ok(u) if u.scheme() == "http" && self.ca_file.is_some() => only_https("ca_file"),
             Ok(u) if u.scheme() == "http" && self.client_cert.is_some() => {
                 only_https("client_cert")
             }
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+            Ok(u) if matches!(u.scheme(), "http" | "https") => Err((
+                at("service_address"),
+                format!("{redacted:?} has no host; write http://HOST:PORT/v2/check"),
+            )),
             Ok(_) => Err((
                 at("service_address"),
                 format!("{redacted:?}: scheme must be http or https"),

@@ -130,8 +130,35 @@ fn warnings(config: &Config) -> Vec<String> {
     for (field, path) in private_keys {
         warnings.extend(path.and_then(|p| exposed_key(&field, p)));
     }
+    if config.deadline_ms >= NODE_REQUEST_TIMEOUT_MS {
+        warnings.push(format!(
+            "deadline_ms {} is not below the TSS Node's default request_timeout ({NODE_REQUEST_TIMEOUT_MS} ms): the node may give up before the gateway answers; use 8000 or raise the node's request_timeout",
+            config.deadline_ms
+        ));
+    }
+    for (i, s) in config.callback_servers.iter().enumerate() {
+        let at = format!("callback_servers[{i}]");
+        let path_less =
+            reqwest::Url::parse(&s.service_address).is_ok_and(|u| matches!(u.path(), "" | "/"));
+        if path_less {
+            warnings.push(format!(
+                "{at}.service_address {} has no path: Cobo callback servers listen on /v2/check (older ones /v1/check)",
+                crate::config::redact_address(&s.service_address)
+            ));
+        }
+        if s.request_types.iter().all(|t| *t == RequestType::Ping) {
+            warnings.push(format!(
+                "{at}.request_types: server {} subscribes only to ping, so it checks no task; list the types it should check (omit request_types for all)",
+                s.name
+            ));
+        }
+    }
     warnings
 }
+
+/// The TSS Node's default HTTP `request_timeout`: a `deadline_ms` at or above it lets the node
+/// give up first.
+const NODE_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 /// The files one generation was loaded from, each with the SHA-256 of the bytes actually read
 /// (`None`: unreadable). Comparing it with the disk tells a reload whether a write landed while
@@ -423,7 +450,8 @@ impl Generation {
             .filter(move |d| kind.is_some_and(|k| d.config.subscribes(k)))
     }
 
-    /// One line per server for `check-config` and start-up logs.
+    /// What this generation runs with, for `check-config` and start-up logs: addresses, files,
+    /// key fingerprints, then one line per server.
     pub fn summary(&self) -> String {
         let c = &self.config;
         let rules = if c.embedded_risk_control_rules.enable {
@@ -431,37 +459,68 @@ impl Generation {
         } else {
             "off"
         };
+        let admin = c
+            .admin_listen
+            .map_or_else(|| "none (on listen)".to_owned(), |a| a.to_string());
+        let audit = c
+            .audit_log
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |p| p.display().to_string());
         let mut out = format!(
-            "config {} OK (generation {})\n  listen {}  service_name {}  deadline {} ms  token_expire {} min  embedded rules {}\n",
+            "config {} OK\n  listen {}  admin_listen {}  service_name {}  deadline {} ms  token_expire {} min  embedded rules {}\n  audit_log {}\n",
             self.path.display(),
-            self.number,
             c.listen,
+            admin,
             c.service_name,
             c.deadline_ms,
             c.token_expire_minutes,
-            rules
+            rules,
+            audit
         );
         let request_key = c
             .downstream_signing_key
             .as_ref()
             .unwrap_or(&c.gateway_private_key);
         out.push_str(&format!(
-            "  answers signed with {}  requests to downstreams signed with {}\n",
+            "  answers signed with {} ({})  requests to downstreams signed with {} ({})\n",
             c.gateway_private_key.display(),
-            request_key.display()
+            self.signer.fingerprint(),
+            request_key.display(),
+            self.request_signer().fingerprint()
+        ));
+        out.push_str(&format!(
+            "  node requests verified with {} ({})\n",
+            c.tss_node_public_key.display(),
+            self.node_verifier.fingerprints().join(", ")
         ));
         for d in &self.downstreams {
             let types: Vec<&str> = d.config.request_types.iter().map(|t| t.name()).collect();
             out.push_str(&format!(
-                "  server {} [{}] {} timeout {} ms retries {} types {}\n",
+                "  server {} [{}] {} timeout {} ms retries {} types {} key {}\n",
                 d.name,
                 d.mode.as_str(),
                 crate::config::redact_address(d.url.as_str()),
                 d.config.timeout_ms,
                 d.retries,
-                types.join(",")
+                types.join(","),
+                d.verifier.fingerprints().join(",")
             ));
         }
         out
+    }
+
+    /// The fingerprints of every key this generation uses, by role, for the reload log.
+    pub(crate) fn key_fingerprints(&self) -> String {
+        let mut parts = vec![
+            format!("answers={}", self.signer.fingerprint()),
+            format!("requests={}", self.request_signer().fingerprint()),
+            format!("node={}", self.node_verifier.fingerprints().join("+")),
+        ];
+        parts.extend(
+            self.downstreams
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.verifier.fingerprints().join("+"))),
+        );
+        parts.join(" ")
     }
 }

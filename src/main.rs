@@ -29,26 +29,34 @@ struct Cli {
 enum Command {
     /// Serve TSS Node callbacks until SIGTERM/SIGINT; reload on SIGHUP or file change.
     Run {
+        /// The gateway's YAML config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Log lines as text (colour only on a terminal) or as one JSON object each.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Parse, validate and load every key of a config; print a summary.
+    /// Parse, validate and load every key of a config; print a summary and warnings (exit 0
+    /// valid, 2 with one line naming the field or file).
     CheckConfig {
+        /// The gateway's YAML config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Write an RSA-2048 key pair: DIR/NAME-pri.pem (PKCS#8, 0600) and DIR/NAME-pub.key (SPKI).
+    /// Write an RSA-2048 key pair: DIR/NAME-pri.pem (PKCS#8, 0600) and DIR/NAME-pub.key (SPKI);
+    /// never overwrites (exit 0 written, 2 on error or when a file exists).
     Keygen {
+        /// The folder to write the two files into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        #[arg(long)]
+        /// The files' name stem: 1-64 characters of [A-Za-z0-9_-].
+        #[arg(long, value_name = "NAME")]
         name: String,
     },
     /// Act as a TSS Node once and print the verified CallbackResponse (exit 0 approved, 1 not, 2 error).
     Probe {
-        #[arg(long)]
+        /// The callback server's address, e.g. http://127.0.0.1:11020/v2/check.
+        #[arg(long, value_name = "URL")]
         url: String,
         /// The TSS Node's private key (PEM).
         #[arg(long, value_name = "TSS_PRI")]
@@ -56,13 +64,15 @@ enum Command {
         /// The callback server's public key (PEM).
         #[arg(long, value_name = "PUB")]
         server_pub: PathBuf,
-        /// Send the embedded sample of this type (ping, key_gen, key_sign, key_reshare, key_share_sign).
+        /// Send the embedded sample of this type under a fresh request_id: ping, key_gen,
+        /// key_sign, key_reshare, key_share_sign, or its code (0, 1, 2, 3, 5) [default: ping].
         #[arg(long = "type", value_name = "T", conflicts_with = "fixture")]
         kind: Option<String>,
         /// Send this CallbackRequest JSON file's exact bytes.
         #[arg(long, value_name = "FILE")]
         fixture: Option<PathBuf>,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        /// Give up after this long (e.g. 500ms, 10s).
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
     /// Run keys, sample downstreams, the gateway and a simulated TSS Node in one process.
@@ -78,7 +88,7 @@ enum Command {
         /// The candidate config.
         #[arg(short, long, value_name = "CANDIDATE")]
         config: PathBuf,
-        /// Audit files recorded with `audit_payloads: true`, oldest first.
+        /// Audit files recorded with `audit_payloads: true`, oldest first (each file once).
         #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
         audit: Vec<PathBuf>,
     },
@@ -126,7 +136,10 @@ fn init_logs(format: LogFormat, default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Colour codes are for a terminal; in a file or a log pipeline they are noise.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
@@ -272,7 +285,12 @@ fn probe(
 
 /// `demo`: keys, sample downstreams, the gateway and a TSS Node in one process.
 fn demo() -> Exit {
-    init_logs(LogFormat::Text, "warn");
+    // The forged-token row is the demo's point, not a warning: its decision line stays out of
+    // the table.
+    init_logs(
+        LogFormat::Text,
+        "warn,tss_callback_gateway::inbound::check=error",
+    );
     async_runtime()?
         .block_on(demo::run())
         .map_err(|e| e.to_string())?;

@@ -107,3 +107,234 @@ fn admin_listen_equal_to_listen_is_refused_naming_the_field() {
     let config = write_config(dir.path(), port, &format!("admin_listen: 127.0.0.1:{port}"));
     both_refuse(&config, &["admin_listen", "listen"]);
 }
+
+/// A server entry for `write_config`'s `extra`, its key the first test server's.
+fn server(name: &str, address: &str, more: &str) -> String {
+    format!(
+        "callback_servers:\n  - name: {name}\n    service_address: {address}\n    pubkey_path: {}\n{more}",
+        keys().servers[0].spki.display()
+    )
+}
+
+#[test]
+fn a_service_address_without_a_scheme_says_how_to_write_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for address in ["127.0.0.1:11021/v2/check", "risk.internal:11021/v2/check"] {
+        let config = write_config(dir.path(), free_port(), &server("risk", address, ""));
+        both_refuse(
+            &config,
+            &[
+                "callback_servers[0].service_address",
+                &format!("`{address}` has no scheme; write http://{address} or https://{address}"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn an_ec_key_is_refused_as_not_rsa_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec = dir.path().join("ec-pri.pem");
+    let ec_pub = dir.path().join("ec-pub.key");
+    common::keys::openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        ec.to_str().unwrap(),
+    ]);
+    common::keys::openssl(&[
+        "pkey",
+        "-in",
+        ec.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        ec_pub.to_str().unwrap(),
+    ]);
+    let k = keys();
+    let base = write_config(dir.path(), free_port(), "");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let private = text.replace(
+        &k.gateway.pkcs8.display().to_string(),
+        &ec.display().to_string(),
+    );
+    std::fs::write(&base, private).unwrap();
+    both_refuse(
+        &base,
+        &[
+            "gateway_private_key",
+            &ec.display().to_string(),
+            "is an EC key; callback tokens are RS256: use an RSA key",
+        ],
+    );
+    let public = text.replace(
+        &k.node.spki.display().to_string(),
+        &ec_pub.display().to_string(),
+    );
+    std::fs::write(&base, public).unwrap();
+    both_refuse(
+        &base,
+        &[
+            "tss_node_public_key",
+            "is an EC key; callback tokens are RS256",
+        ],
+    );
+}
+
+#[test]
+fn a_der_key_is_refused_with_the_command_that_converts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys();
+    let der = dir.path().join("gateway.der");
+    let der_pub = dir.path().join("node-pub.der");
+    common::keys::openssl(&[
+        "pkey",
+        "-in",
+        k.gateway.pkcs8.to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        der.to_str().unwrap(),
+    ]);
+    common::keys::openssl(&[
+        "pkey",
+        "-pubin",
+        "-in",
+        k.node.spki.to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        der_pub.to_str().unwrap(),
+    ]);
+    let base = write_config(dir.path(), free_port(), "");
+    let text = std::fs::read_to_string(&base).unwrap();
+    std::fs::write(
+        &base,
+        text.replace(
+            &k.gateway.pkcs8.display().to_string(),
+            &der.display().to_string(),
+        ),
+    )
+    .unwrap();
+    both_refuse(
+        &base,
+        &[
+            "gateway_private_key",
+            "is DER, not PEM: convert it with `openssl pkey -inform DER -in",
+        ],
+    );
+    std::fs::write(
+        &base,
+        text.replace(
+            &k.node.spki.display().to_string(),
+            &der_pub.display().to_string(),
+        ),
+    )
+    .unwrap();
+    both_refuse(
+        &base,
+        &[
+            "tss_node_public_key",
+            "is DER, not PEM: convert it with `openssl pkey -pubin -inform DER -in",
+        ],
+    );
+}
+
+/// A long deadline, an address without a path and a server asked only about pings are legal
+/// but likely mistakes: check-config and start-up warn (exit 0), one line each.
+#[test]
+fn likely_mistakes_are_warned_about_at_check_config_and_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let extra = format!(
+        "deadline_ms: 10000\n{}  - name: pinger\n    service_address: http://127.0.0.1:11022/v2/check\n    pubkey_path: {}\n    request_types: [ping]\n",
+        server("pathless", "http://127.0.0.1:11021/", ""),
+        keys().servers[1].spki.display()
+    );
+    let config = write_config(dir.path(), port, &extra);
+    let expected = [
+        "deadline_ms 10000 is not below the TSS Node's default request_timeout",
+        "callback_servers[0].service_address http://127.0.0.1:11021/ has no path",
+        "callback_servers[1].request_types: server pinger subscribes only to ping",
+    ];
+    let check = gateway(&["check-config", "-c", config.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&check.stderr).to_string();
+    assert_eq!(check.status.code(), Some(0), "{said}");
+    for e in expected {
+        assert_eq!(
+            said.lines()
+                .filter(|l| l.starts_with("warning: ") && l.contains(e))
+                .count(),
+            1,
+            "{e:?} not warned once: {said}"
+        );
+    }
+    // A sensible config says none of it.
+    let fine = write_config(
+        dir.path(),
+        port,
+        &server("risk", "http://127.0.0.1:11021/v2/check", ""),
+    );
+    let check = gateway(&["check-config", "-c", fine.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&check.stderr).to_string();
+    assert_eq!(check.status.code(), Some(0), "{said}");
+    assert!(!said.contains("warning"), "{said}");
+
+    // Start-up logs the same warnings.
+    let config = write_config(dir.path(), port, &extra);
+    let mut child = common::gateway::spawn_run(&config, port);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    child.wait().unwrap();
+    for e in expected {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("\"level\":\"WARN\"") && l.contains(e)),
+            "{e:?} not logged: {log}"
+        );
+    }
+}
+
+/// The summary names what an operator checks first: both addresses, the audit log, and the
+/// fingerprints of the keys; a dry run has no generation.
+#[test]
+fn the_summary_shows_admin_listen_audit_log_and_key_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        free_port(),
+        "admin_listen: 127.0.0.1:11029\naudit_log: audit/decisions.jsonl",
+    );
+    let check = gateway(&["check-config", "-c", config.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&check.stdout).to_string();
+    assert_eq!(check.status.code(), Some(0), "{out}");
+    let der = Command::new("openssl")
+        .args([
+            "pkey",
+            "-pubin",
+            "-in",
+            keys().gateway.spki.to_str().unwrap(),
+            "-outform",
+            "DER",
+        ])
+        .output()
+        .unwrap()
+        .stdout;
+    let id = common::sha256_hex(&der);
+    for expected in [
+        "admin_listen 127.0.0.1:11029".to_owned(),
+        format!(
+            "audit_log {}",
+            dir.path().join("audit/decisions.jsonl").display()
+        ),
+        format!("sha256:{}", &id[..16]),
+    ] {
+        assert!(out.contains(&expected), "{expected:?} not in {out}");
+    }
+    assert!(!out.contains("generation"), "{out}");
+}

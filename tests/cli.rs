@@ -165,6 +165,21 @@ fn demo_shows_approvals_and_rejections_and_exits_0() {
     );
     assert!(line("key_reshare").contains("approved") && line("key_reshare").contains("APPROVE"));
     assert!(line("key_sign (forged)").contains("status 20"));
+    // The audit summary says what its lines are: one decision per answer, and the rest.
+    let rows = stdout
+        .lines()
+        .filter(|l| l.ends_with("APPROVE") || l.contains(" REJECT status"))
+        .count();
+    let audit = line("audit log: ");
+    assert!(
+        audit.contains(&format!(": {rows} decisions (one per answer"))
+            && audit.contains("signed checkpoints"),
+        "{rows} answers: {audit}"
+    );
+    assert!(
+        !stdout.contains("WARN") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
 }
 
 /// `run`, `probe` against it (exit 0 approved, 1 not approved, 2 error), then SIGTERM: the
@@ -372,4 +387,304 @@ async fn audit_lines_survive_sigkill() {
     assert_eq!(lines[0]["request_id"], "kill-0");
     assert_eq!(lines[0]["servers"][0]["name"], "approver");
     assert_eq!(lines[0]["servers"][0]["outcome"], "approved");
+}
+
+/// The options of one subcommand as `--help` lists them: (short, long) pairs.
+fn help_options(command: &[&str]) -> Vec<(Option<String>, String)> {
+    let mut args = command.to_vec();
+    args.push("--help");
+    let out = gateway(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    help.lines()
+        // An option's own line: `  -c, --config <FILE>` or `      --live`, not a wrapped description.
+        .filter(|l| l.trim_start().starts_with('-') && l.len() - l.trim_start().len() <= 6)
+        .map(str::trim_start)
+        .filter_map(|l| {
+            let mut words = l.split([',', ' ']).filter(|w| w.starts_with('-'));
+            let first = words.next()?.to_owned();
+            match first.strip_prefix("--") {
+                Some(_) => Some((None, first)),
+                None => Some((Some(first), words.next()?.to_owned())),
+            }
+        })
+        .filter(|(_, long)| long != "--help" && long != "--version")
+        .collect()
+}
+
+/// Every command the README's command table lists exists in `--help` and the other way
+/// round, and each command's row names exactly the options its `--help` lists.
+#[test]
+fn the_readme_command_table_and_help_agree() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("## Command line")
+        .nth(1)
+        .unwrap()
+        .split("\n\n")
+        .find(|block| block.contains("| command |"))
+        .unwrap()
+        .to_owned();
+    // `\|` inside a cell is a literal bar, not a column.
+    let table = table.replace("\\|", " or ");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| `tss-callback-gateway "))
+        .collect();
+    let top = String::from_utf8_lossy(&gateway(&["--help"]).stdout).to_string();
+    let commands: Vec<String> = top
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .collect();
+    for c in &commands {
+        let subcommands = if c == "audit" {
+            vec!["audit verify".to_owned()]
+        } else {
+            vec![c.clone()]
+        };
+        for sub in subcommands {
+            let prefix = format!("| `tss-callback-gateway {sub}");
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&prefix) && r[prefix.len()..].starts_with([' ', '`']))
+                .unwrap_or_else(|| panic!("README has no row for `{sub}`"));
+            let usage = row.split('|').nth(1).unwrap();
+            let options = help_options(&sub.split(' ').collect::<Vec<_>>());
+            for (short, long) in &options {
+                let named = |flag: &str| {
+                    usage
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                        .any(|w| w == flag)
+                };
+                assert!(
+                    named(long) || short.as_deref().is_some_and(named),
+                    "`{sub}`: {long} is in --help but not in the README row {usage}"
+                );
+            }
+            for flag in usage
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .filter(|w| w.starts_with('-') && w.len() > 1)
+            {
+                assert!(
+                    options
+                        .iter()
+                        .any(|(s, l)| l == flag || s.as_deref() == Some(flag)),
+                    "`{sub}`: the README names {flag}, which --help does not list"
+                );
+            }
+        }
+    }
+    for row in rows {
+        let named = row.trim_start_matches("| `tss-callback-gateway ");
+        assert!(
+            commands
+                .iter()
+                .any(|c| named.starts_with(&format!("{c} ")) || named.starts_with(&format!("{c}`"))),
+            "README row for a command --help does not list: {row}"
+        );
+    }
+}
+
+#[test]
+fn keygen_refuses_a_name_that_is_not_a_file_stem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(&[
+        "keygen",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "Bad Name/x",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("[A-Za-z0-9_-]"), "{stderr}");
+    assert!(!stderr.contains("No such file"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// `replay --audit f f` would count every record twice: refused, naming the file.
+#[test]
+fn replay_refuses_the_same_audit_file_given_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys();
+    let config = dir.path().join("candidate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tss_node_public_key: {}\ngateway_private_key: {}\nembedded_risk_control_rules:\n  enable: true\n",
+            k.node.spki.display(),
+            k.gateway.pkcs8.display()
+        ),
+    )
+    .unwrap();
+    let audit = dir.path().join("decisions.jsonl");
+    std::fs::write(&audit, "").unwrap();
+    let a = audit.to_str().unwrap();
+    let same = format!("{}/./decisions.jsonl", dir.path().display());
+    for twice in [[a, a], [a, same.as_str()]] {
+        let out = gateway(&[
+            "replay",
+            "-c",
+            config.to_str().unwrap(),
+            "--audit",
+            twice[0],
+            twice[1],
+        ]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("given more than once"), "{stderr}");
+    }
+    let once = gateway(&["replay", "-c", config.to_str().unwrap(), "--audit", a]);
+    assert_eq!(once.status.code(), Some(0), "{:?}", text(&once));
+}
+
+/// `probe` says what is wrong and how to fix it: an https URL to a plain-HTTP server, a wrong
+/// path, a URL without a scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_errors_say_how_to_fix_them() {
+    let k = keys();
+    let ds = Downstream::start("approver", &k.servers[0], always(Answer::approve()), 0).await;
+    let gw = common::gateway::Gateway::start(&[entry(&ds, "")], "").await;
+    let probe = |url: String| {
+        let args = vec![
+            "probe".to_owned(),
+            "--url".into(),
+            url,
+            "--key".into(),
+            k.node.pkcs8.display().to_string(),
+            "--server-pub".into(),
+            k.gateway.spki.display().to_string(),
+        ];
+        async move {
+            tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let cases = [
+        (
+            format!("https://{}/v2/check", gw.addr),
+            "TLS handshake failed: the server answered plain HTTP; use http:// or enable TLS on it".to_owned(),
+        ),
+        (
+            format!("http://{}/v2/chek", gw.addr),
+            format!("HTTP 404 from http://{}/v2/chek: wrong path? Cobo callback servers listen on /v2/check", gw.addr),
+        ),
+        (
+            format!("{}/v2/check", gw.addr),
+            format!("has no scheme; write http://{}/v2/check", gw.addr),
+        ),
+    ];
+    for (url, expected) in cases {
+        let out = probe(url.clone()).await;
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains(&expected), "{url}: {stderr}");
+    }
+    let out = probe(gw.url()).await;
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
+/// The gateway's answer to the node names the failing server and the kind of failure, never a
+/// downstream's error page; an https address to a plain-HTTP server says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downstream_error_pages_never_reach_the_node() {
+    let k = keys();
+    let page =
+        b"<!doctype html><html><head><title>404 Not Found</title></head><body>nginx</body></html>";
+    let lost = Downstream::start("lost", &k.servers[0], always(Answer::bytes(404, page)), 0).await;
+    let garbled = Downstream::start(
+        "garbled",
+        &k.servers[1],
+        always(Answer::bytes(200, page)),
+        0,
+    )
+    .await;
+    let plain = Downstream::start("plain", &k.servers[2], always(Answer::approve()), 0).await;
+    let https_to_plain = format!("https://{}/v2/check", plain.addr);
+    let gw = common::gateway::Gateway::start(
+        &[
+            entry(&lost, "request_types: [key_sign]"),
+            entry(&garbled, "request_types: [key_gen]"),
+            common::gateway::entry_at(
+                &plain,
+                &https_to_plain,
+                "request_types: [key_reshare]\nretries: 0",
+            ),
+        ],
+        "",
+    )
+    .await;
+    let r = send(&gw.url(), &request("key_sign", "page-404")).await;
+    r.expect(30, "REJECT", &["lost: http_error: HTTP 404"]);
+    assert_eq!(r.response.error, "lost: http_error: HTTP 404");
+    let not_found = r.response.error.clone();
+    let r = send(&gw.url(), &request("key_gen", "page-200")).await;
+    r.expect(
+        30,
+        "REJECT",
+        &[
+            "garbled: bad_response:",
+            "the answer is an HTML or XML page",
+        ],
+    );
+    for reply in [&not_found, &r.response.error] {
+        assert!(
+            !reply.contains("doctype") && !reply.contains("nginx"),
+            "{reply}"
+        );
+    }
+    let r = send(&gw.url(), &request("key_reshare", "tls-to-plain")).await;
+    r.expect(
+        30,
+        "REJECT",
+        &["plain: transport_error: TLS handshake failed: the server answered plain HTTP; use http://"],
+    );
+    gw.stop().await;
+}
+
+/// The README's Configuration example, its embedded rules as written, decides the bundled
+/// samples as its comments say: every type approved but KeyShareSign (`reject_all: true`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_example_rules_pass_the_bundled_samples() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let example = readme
+        .split("## Configuration")
+        .nth(1)
+        .unwrap()
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let rules: String = example
+        .lines()
+        .skip_while(|l| !l.starts_with("embedded_risk_control_rules:"))
+        .take_while(|l| !l.starts_with("callback_servers:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(rules.contains("key_share_sign"), "{rules}");
+    let gw = common::gateway::Gateway::start(&[], &rules).await;
+    for (kind, approved) in [
+        ("ping", true),
+        ("key_gen", true),
+        ("key_sign", true),
+        ("key_reshare", true),
+        ("key_share_sign", false),
+    ] {
+        let r = send(&gw.url(), &request(kind, &format!("readme-{kind}"))).await;
+        assert_eq!(r.approved(), approved, "{kind}: {:?}", r.response);
+    }
+    gw.stop().await;
 }

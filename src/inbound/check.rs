@@ -15,6 +15,7 @@ use super::body::{form_token, read_body};
 use super::conn::ConnRef;
 use super::dedup::{self, Lookup};
 use super::refusal;
+use crate::config::Mode;
 use crate::generation::{Audience, Downstream, Generation};
 use crate::ops::audit::{AuditRecord, Ticket};
 use crate::ops::metrics::Metrics;
@@ -134,7 +135,7 @@ pub(crate) async fn check(
         .request_duration
         .with_label_values(&[kind])
         .observe(elapsed.as_secs_f64());
-    log_decision(&answer, kind, elapsed);
+    log_decision(&answer, kind, elapsed, conn.as_ref().map(|c| c.peer));
 
     let token = match answer.refusal {
         // Nothing is known about this caller: a token signed in advance, no RSA work.
@@ -422,28 +423,91 @@ fn salvage_ids(package: &[u8]) -> (String, Option<i64>) {
     (id, v.get("request_type").and_then(|x| x.as_i64()))
 }
 
-fn log_decision(a: &Answer, kind: &str, elapsed: Duration) {
+/// Logs one line per decision: INFO for an answer that says something about the request
+/// (approved, rejected, invalid request), WARN for a downstream failure (status 30) and for a
+/// refused token (status 20, with the caller's address). Refusals are what junk and attacks
+/// produce, so at most [`REFUSAL_LOGS_PER_SECOND`] are logged a second; the next one logged
+/// says how many were not.
+fn log_decision(a: &Answer, kind: &str, elapsed: Duration, peer: Option<std::net::SocketAddr>) {
     let servers: Vec<String> = a
         .verdicts
         .iter()
         .map(|v| {
+            let shadow = if v.mode == Mode::Shadow {
+                "(shadow)"
+            } else {
+                ""
+            };
             format!(
-                "{}={}({}ms)",
+                "{}={}{shadow}({}ms)",
                 v.server,
                 v.outcome.as_str(),
                 v.duration.as_millis()
             )
         })
         .collect();
-    tracing::info!(
-        request_id = %client::snippet(&a.request_id),
-        r#type = kind,
-        status = a.decision.status.code(),
-        decision = a.decision.action.as_str(),
-        duration_ms = elapsed.as_millis() as u64,
-        servers = %servers.join(","),
-        duplicate = a.duplicate,
-        error = %client::snippet(&a.decision.error),
-        "decision"
-    );
+    let request_id = client::snippet(&a.request_id);
+    // The answer's text, not a snippet of it: capped at 1 KiB as error texts are everywhere.
+    let error = crate::verdict::capped(&a.decision.error);
+    macro_rules! decision {
+        ($level:ident $(, $k:ident = $v:tt)*) => {
+            tracing::$level!(
+                request_id = %request_id,
+                r#type = kind,
+                status = a.decision.status.code(),
+                decision = a.decision.action.as_str(),
+                duration_ms = elapsed.as_millis() as u64,
+                servers = %servers.join(","),
+                duplicate = a.duplicate,
+                error = %error,
+                $($k = $v,)*
+                "decision"
+            )
+        };
+    }
+    match a.decision.status {
+        Status::InvalidToken => {
+            let Some(unlogged) = refusal_log_budget() else {
+                return;
+            };
+            let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            let peer = peer.as_str();
+            decision!(warn, peer = peer, refusals_not_logged = unlogged);
+        }
+        Status::InternalError => decision!(warn),
+        _ => decision!(info),
+    }
+}
+
+/// Status-20 decisions logged per second at most; the rest are counted in metrics (and summed
+/// up in the audit log), not logged one by one.
+const REFUSAL_LOGS_PER_SECOND: u32 = 10;
+
+/// Whether a status-20 decision may be logged now: `Some(n)` with the number not logged since
+/// the last one that was, or `None` beyond [`REFUSAL_LOGS_PER_SECOND`].
+fn refusal_log_budget() -> Option<u64> {
+    struct Budget {
+        window: Option<std::time::Instant>,
+        logged: u32,
+        unlogged: u64,
+    }
+    static BUDGET: std::sync::Mutex<Budget> = std::sync::Mutex::new(Budget {
+        window: None,
+        logged: 0,
+        unlogged: 0,
+    });
+    let mut b = BUDGET.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if b.window
+        .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+    {
+        b.window = Some(now);
+        b.logged = 0;
+    }
+    if b.logged >= REFUSAL_LOGS_PER_SECOND {
+        b.unlogged += 1;
+        return None;
+    }
+    b.logged += 1;
+    Some(std::mem::take(&mut b.unlogged))
 }

@@ -23,6 +23,8 @@ use tokio::time::Instant;
 /// The state of one connection, shared by its I/O, its watchdog and its handlers.
 #[derive(Debug)]
 pub(crate) struct Conn {
+    /// The caller's address, for the log lines about its requests.
+    pub(crate) peer: std::net::SocketAddr,
     opened: Instant,
     /// When the current request began, in nanoseconds after `opened`.
     began: AtomicU64,
@@ -62,8 +64,9 @@ pub(crate) struct Timed<S> {
 
 impl Conn {
     /// A connection just accepted: idle until its first byte.
-    pub(crate) fn new() -> Arc<Conn> {
+    pub(crate) fn new(peer: std::net::SocketAddr) -> Arc<Conn> {
         Arc::new(Conn {
+            peer,
             opened: Instant::now(),
             began: AtomicU64::new(0),
             requests: AtomicU64::new(1),

@@ -72,13 +72,18 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    tracing::info!(listen = ?local, version = env!("CARGO_PKG_VERSION"), "gateway listening");
+    let local = local.map_or_else(|| listen.to_string(), |a| a.to_string());
+    tracing::info!(listen = %local, version = env!("CARGO_PKG_VERSION"), "gateway listening");
 
     tokio::spawn(crate::ops::health::run(shared.clone()));
     tokio::spawn(crate::ops::reload::watch(shared.clone(), path.to_owned()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
-        tracing::info!(admin_listen = ?admin.local_addr().ok(), "admin endpoints listening");
+        let at = admin.local_addr().map_or_else(
+            |_| admin_listen.map(|a| a.to_string()).unwrap_or_default(),
+            |a| a.to_string(),
+        );
+        tracing::info!(admin_listen = %at, "admin endpoints listening");
         let mut stopped = stopped.clone();
         tokio::spawn(serve_admin(admin, shared.clone(), async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -269,7 +274,7 @@ pub async fn serve(
                 let (service, watcher, shared) = (service.clone(), graceful.watcher(), shared.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let conn = Conn::new();
+                    let conn = Conn::new(peer);
                     let result = match tls {
                         None => serve_connection(stream, &conn, service, watcher, read_timeout).await,
                         Some(acceptor) => {

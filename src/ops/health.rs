@@ -89,6 +89,7 @@ impl Health {
         states.retain(|name, _| g.downstreams.iter().any(|d| &d.name == name));
         for (name, v) in results {
             let up = v.outcome == Outcome::Approved;
+            log_change(&name, states.get(&name).map(|s| s.up), up, &v.detail);
             shared.metrics.set_downstream_up(&name, up, || {
                 let now = shared.current.load();
                 now.downstreams
@@ -133,6 +134,20 @@ impl Health {
             }
             false
         });
+    }
+}
+
+/// One log line when a server's health changes (and at its first check): WARN with the reason
+/// when it goes down, INFO when it comes up. Probes that change nothing log nothing.
+fn log_change(name: &str, was: Option<bool>, up: bool, detail: &str) {
+    match (was, up) {
+        (Some(true), true) | (Some(false), false) => {}
+        (_, true) => {
+            tracing::info!(server = %name, "downstream up: its signed health ping is approved")
+        }
+        (_, false) => {
+            tracing::warn!(server = %name, error = %detail, "downstream down: its signed health ping failed")
+        }
     }
 }
 

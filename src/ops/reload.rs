@@ -51,14 +51,23 @@ pub enum ReloadError {
 pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadError> {
     let result = try_reload(shared, path);
     match &result {
-        Ok(generation) => {
+        Ok(done) => {
             shared
                 .metrics
                 .config_reloads
                 .with_label_values(&["success"])
                 .inc();
             shared.reload.clear(&shared.metrics);
-            tracing::info!(generation, reason, "config reloaded");
+            tracing::info!(
+                generation = done.generation,
+                reason,
+                files_changed = %list(&done.files),
+                servers_added = %list(&done.added),
+                servers_removed = %list(&done.removed),
+                servers_changed = %list(&done.changed),
+                keys = %done.keys,
+                "config reloaded"
+            );
         }
         Err(e) => {
             shared
@@ -70,10 +79,77 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
             tracing::error!(reason, error = %e, "config reload refused; keeping the running config");
         }
     }
-    result
+    result.map(|done| done.generation)
 }
 
-fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
+/// What a reload changed, for its log line.
+struct Reloaded {
+    generation: u64,
+    /// Files whose bytes differ from what the previous generation read (or that it did not read).
+    files: Vec<String>,
+    added: Vec<String>,
+    removed: Vec<String>,
+    /// Servers whose entry or key changed.
+    changed: Vec<String>,
+    /// Every key's fingerprint now in use, by role.
+    keys: String,
+}
+
+/// `items` joined with commas, or `none`.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// What `next` changes against `old`.
+fn changes(old: &Generation, next: &Generation) -> Reloaded {
+    let files = next
+        .sources
+        .paths()
+        .chain(
+            old.sources
+                .paths()
+                .filter(|p| next.sources.get(p).is_none()),
+        )
+        .filter(|p| old.sources.get(p) != next.sources.get(p))
+        .map(|p| p.display().to_string())
+        .collect();
+    let find =
+        |g: &Generation, name: &str| g.downstreams.iter().find(|d| &*d.name == name).cloned();
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for d in &next.downstreams {
+        match find(old, &d.name) {
+            None => added.push(d.name.to_string()),
+            Some(b)
+                if b.config != d.config
+                    || b.verifier.fingerprints() != d.verifier.fingerprints() =>
+            {
+                changed.push(d.name.to_string())
+            }
+            Some(_) => {}
+        }
+    }
+    let removed = old
+        .downstreams
+        .iter()
+        .filter(|b| find(next, &b.name).is_none())
+        .map(|b| b.name.to_string())
+        .collect();
+    Reloaded {
+        generation: next.number,
+        files,
+        added,
+        removed,
+        changed,
+        keys: next.key_fingerprints(),
+    }
+}
+
+fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     let old = shared.current.load_full();
     let next = Generation::reload(path, &old)?;
     let audit = match &next.config.audit_log {
@@ -107,7 +183,7 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
         .filter(|d| !next.downstreams.iter().any(|n| n.name == d.name))
         .cloned()
         .collect();
-    let generation = next.number;
+    let done = changes(&old, &next);
     shared.current.store(Arc::new(next));
     let before = shared.audit.swap(audit);
     if let Some(before) = before {
@@ -125,7 +201,7 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     // Their series go once their last call is done (see `Health::retire`).
     shared.health.retire(removed);
     shared.set_config_gauges();
-    Ok(generation)
+    Ok(done)
 }
 
 /// How the config on disk stands against the running generation: the refusal of the last

@@ -4,6 +4,8 @@
 //! deadline overall, waiting for a `max_concurrent` slot included; only transport failures are
 //! retried; an answer counts only if it is signed by the server's key and names this request.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -48,10 +50,44 @@ pub(crate) async fn call(ds: &Downstream, metrics: &Metrics, out: &Outbound) -> 
     let started = Instant::now();
     let result = post_with_retries(ds, out).await;
     let elapsed = started.elapsed();
-    match result.and_then(|raw| client::read_answer(&raw, &ds.verifier, Some(&out.request_id))) {
+    let read = result.and_then(|raw| {
+        client::read_answer(&raw, &ds.verifier, Some(&out.request_id)).inspect_err(|e| {
+            if matches!(e, CallError::Http(_) | CallError::BadResponse(_)) {
+                log_answer(ds, &raw);
+            }
+        })
+    });
+    match read {
         Err(e) => ds.verdict(Outcome::from(&e), elapsed, e.to_string()),
         Ok(resp) => judge(ds, resp, elapsed, out.is_ping()),
     }
+}
+
+/// Logs what a server answered instead of a usable token (its body is kept out of answers and
+/// the audit log), with the likely fix: at most once a minute per server, so a broken server
+/// does not flood the log.
+fn log_answer(ds: &Downstream, raw: &RawAnswer) {
+    static LAST: std::sync::Mutex<Option<HashMap<Arc<str>, Instant>>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let last = last.get_or_insert_with(HashMap::new);
+        let now = Instant::now();
+        if last
+            .get(&ds.name)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+        {
+            return;
+        }
+        last.insert(ds.name.clone(), now);
+    }
+    let hint = client::http_hint(raw.status, &ds.url).unwrap_or_default();
+    tracing::warn!(
+        server = %ds.name,
+        http_status = raw.status,
+        hint = %hint,
+        body = %client::body_excerpt(&raw.body),
+        "downstream answered without a usable signed token (logged at most once a minute per server)"
+    );
 }
 
 /// Posts the form until an attempt gets an answer, a failure that is not a transport failure,

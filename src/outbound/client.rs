@@ -117,7 +117,7 @@ pub(crate) async fn post_form(
         .send()
         .await
         // Without the URL: its `user:pass@`, if any, must not reach answers, logs or the audit.
-        .map_err(|e| CallError::Transport(error_chain(&e.without_url())))?;
+        .map_err(|e| CallError::Transport(transport_error(&e.without_url(), url)))?;
     let status = resp.status().as_u16();
     if resp
         .content_length()
@@ -152,11 +152,13 @@ pub fn read_answer(
 ) -> Result<CallbackResponse, CallError> {
     let http_ok = (200..300).contains(&answer.status);
     // An unsigned body under an error status is an HTTP failure; under 2xx it is a bad answer.
+    // Neither repeats the body: a server's error page is not for the node's answer or the
+    // audit log (see [`body_excerpt`] for the log).
     let unsigned = |detail: String| {
         if http_ok {
             CallError::BadResponse(detail)
         } else {
-            CallError::Http(format!("HTTP {}: {detail}", answer.status))
+            CallError::Http(format!("HTTP {}", answer.status))
         }
     };
     let text = std::str::from_utf8(&answer.body)
@@ -170,7 +172,9 @@ pub fn read_answer(
     };
     let claims =
         protocol::verify_token(&token, verifier, protocol::now_secs()).map_err(|e| match e {
-            TokenError::Malformed(_) => unsigned(format!("{e}: {}", snippet(text))),
+            TokenError::Malformed(_) => {
+                unsigned(format!("{e}: the answer is {}", body_kind(&answer.body)))
+            }
             TokenError::Algorithm(_) | TokenError::Signature | TokenError::Expired { .. } => {
                 CallError::BadSignature(e.to_string())
             }
@@ -236,11 +240,72 @@ struct Answered {
 
 /// The first 80 characters of untrusted text, for error messages.
 pub(crate) fn snippet(text: &str) -> String {
-    let mut s: String = text.chars().take(80).collect();
+    snippet_of(text, 80)
+}
+
+/// The first `n` characters of `text`, marked with `…` when cut.
+fn snippet_of(text: &str, n: usize) -> String {
+    let mut s: String = text.chars().take(n).collect();
     if s.len() < text.len() {
         s.push('…');
     }
     s
+}
+
+/// What an answer that is not a signed token looks like, in a few fixed words: safe to put in
+/// answers and the audit log, unlike the body itself.
+pub(crate) fn body_kind(body: &[u8]) -> &'static str {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim_start();
+    if text.is_empty() {
+        "empty"
+    } else if text.starts_with('<') {
+        "an HTML or XML page"
+    } else if text.starts_with('{') || text.starts_with('[') {
+        "JSON that is not a token"
+    } else {
+        "text that is not a token"
+    }
+}
+
+/// The start of an answer's body for the log: printable characters only, whitespace runs
+/// folded, at most 200 characters.
+pub(crate) fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(2048)]);
+    let mut out = String::new();
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(word.chars().map(|c| if c.is_control() { '?' } else { c }));
+        if out.chars().count() >= 200 {
+            break;
+        }
+    }
+    snippet_of(&out, 200)
+}
+
+/// The likely fix for an HTTP error status from a callback server at `url`, if there is one.
+pub fn http_hint(status: u16, url: &reqwest::Url) -> Option<String> {
+    matches!(status, 404 | 405).then(|| {
+        format!(
+            "HTTP {status} from {}: wrong path? Cobo callback servers listen on /v2/check (older ones /v1/check)",
+            crate::config::redact_address(url.as_str())
+        )
+    })
+}
+
+/// A transport failure in words, with the likely fix where the error says what went wrong.
+fn transport_error(e: &dyn std::error::Error, url: &reqwest::Url) -> String {
+    let text = error_chain(e);
+    if url.scheme() == "https"
+        && (text.contains("InvalidContentType") || text.contains("corrupt message"))
+    {
+        return format!(
+            "TLS handshake failed: the server answered plain HTTP; use http:// or enable TLS on it ({text})"
+        );
+    }
+    text
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -26,6 +26,10 @@ pub enum KeyError {
     },
     #[error("key file {path}: not a PEM file: {detail}")]
     NotPem { path: PathBuf, detail: String },
+    #[error("key file {path}: is DER, not PEM: convert it with `openssl pkey {pubin}-inform DER -in {path} -out {path}.pem` and point the config at the .pem file")]
+    Der { path: PathBuf, pubin: &'static str },
+    #[error("key file {path}: is {kind} key; callback tokens are RS256: use an RSA key (`tss-callback-gateway keygen` makes one)")]
+    NotRsaKind { path: PathBuf, kind: &'static str },
     #[error("key file {path}: PEM block `{tag}` is not {expected}")]
     WrongKind {
         path: PathBuf,
@@ -41,6 +45,68 @@ pub enum KeyError {
     },
     #[error("generating an RSA key failed")]
     Generate,
+    #[error("--name {0:?}: use 1-64 characters of [A-Za-z0-9_-] (it becomes NAME-pri.pem and NAME-pub.key)")]
+    Name(String),
+    #[error(
+        "{path} already exists: keygen never overwrites a key; choose another --name or --out"
+    )]
+    Exists { path: PathBuf },
+}
+
+/// Why a PEM file that is not an RSA key failed, as the error the operator should read:
+/// another key type (found by its algorithm identifier in the DER), or the parser's reason.
+fn not_rsa(path: &Path, der: &[u8], detail: impl fmt::Display) -> KeyError {
+    match other_key_kind(der) {
+        Some(kind) => KeyError::NotRsaKind {
+            path: path.to_owned(),
+            kind,
+        },
+        None => KeyError::NotRsa {
+            path: path.to_owned(),
+            detail: detail.to_string(),
+        },
+    }
+}
+
+/// The kind of a non-RSA key, from the object identifier of its algorithm in the DER (only
+/// used to word an error: nothing is trusted on it).
+fn other_key_kind(der: &[u8]) -> Option<&'static str> {
+    // id-ecPublicKey 1.2.840.10045.2.1, id-Ed25519 1.3.101.112, id-Ed448 1.3.101.113.
+    const KINDS: [(&[u8], &str); 3] = [
+        (
+            &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01],
+            "an EC",
+        ),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x70], "an Ed25519"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x71], "an Ed448"),
+    ];
+    KINDS
+        .iter()
+        .find(|(oid, _)| der.windows(oid.len()).any(|w| w == *oid))
+        .map(|(_, kind)| *kind)
+}
+
+/// The refusal of a file that does not parse as PEM: DER (binary, starting with an ASN.1
+/// SEQUENCE) gets the command that converts it.
+fn not_pem(path: &Path, bytes: &[u8], detail: impl fmt::Display, public: bool) -> KeyError {
+    if bytes.first() == Some(&0x30) && std::str::from_utf8(bytes).is_err() {
+        return KeyError::Der {
+            path: path.to_owned(),
+            pubin: if public { "-pubin " } else { "" },
+        };
+    }
+    KeyError::NotPem {
+        path: path.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// The short fingerprint of a public key as logs and summaries show it: `sha256:` and the
+/// first 16 hex digits of the SHA-256 of its SPKI DER (the audit checkpoints' `key_id`).
+pub fn fingerprint(spki_der: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki_der);
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256). Cloning shares the key.
@@ -54,6 +120,8 @@ pub struct Signer {
 #[derive(Clone)]
 pub struct Verifier {
     keys: Vec<ParsedPublicKey>,
+    /// Each key's [`fingerprint`], in file order.
+    fingerprints: Vec<String>,
 }
 
 // === impl Signer ===
@@ -67,13 +135,16 @@ impl Signer {
 
     /// Parses `bytes`, the content of the PEM file at `path` (named in errors).
     pub fn from_pem(path: &Path, bytes: &[u8]) -> Result<Self, KeyError> {
-        let block = pem::parse(bytes).map_err(|e| KeyError::NotPem {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let block = pem::parse(bytes).map_err(|e| not_pem(path, bytes, e, false))?;
         let key = match block.tag() {
             "PRIVATE KEY" => KeyPair::from_pkcs8(block.contents()),
             "RSA PRIVATE KEY" => KeyPair::from_der(block.contents()),
+            "EC PRIVATE KEY" => {
+                return Err(KeyError::NotRsaKind {
+                    path: path.to_owned(),
+                    kind: "an EC",
+                })
+            }
             other => {
                 return Err(KeyError::WrongKind {
                     path: path.to_owned(),
@@ -82,10 +153,7 @@ impl Signer {
                 })
             }
         }
-        .map_err(|e| KeyError::NotRsa {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| not_rsa(path, block.contents(), e))?;
         Ok(Self::from_key_pair(key))
     }
 
@@ -122,10 +190,16 @@ impl Signer {
             .unwrap_or_default()
     }
 
+    /// The [`fingerprint`] of the matching public key.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.public_spki_der())
+    }
+
     /// The matching public key, for tests and the demo.
     pub fn verifier(&self) -> Verifier {
         let der = self.key.public_key().as_ref().to_vec();
         Verifier {
+            fingerprints: vec![self.fingerprint()],
             // The public half of a key pair that loaded is always a valid RSA public key.
             keys: vec![
                 ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
@@ -153,17 +227,12 @@ impl Verifier {
 
     /// Parses `text`, the content of the PEM file at `path` (named in errors).
     pub fn from_pem(path: &Path, text: &[u8]) -> Result<Self, KeyError> {
-        let blocks = pem::parse_many(text).map_err(|e| KeyError::NotPem {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let blocks = pem::parse_many(text).map_err(|e| not_pem(path, text, e, true))?;
         if blocks.is_empty() {
-            return Err(KeyError::NotPem {
-                path: path.to_owned(),
-                detail: "no PEM block found".into(),
-            });
+            return Err(not_pem(path, text, "no PEM block found", true));
         }
         let mut keys = Vec::with_capacity(blocks.len());
+        let mut fingerprints = Vec::with_capacity(blocks.len());
         for block in blocks {
             if !matches!(block.tag(), "PUBLIC KEY" | "RSA PUBLIC KEY") {
                 return Err(KeyError::WrongKind {
@@ -176,20 +245,31 @@ impl Verifier {
             // refuses any other key type (EC, Ed25519) for an RSA algorithm.
             let key =
                 ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, block.contents())
-                    .map_err(|e| KeyError::NotRsa {
-                        path: path.to_owned(),
-                        detail: e.to_string(),
-                    })?;
+                    .map_err(|e| not_rsa(path, block.contents(), e))?;
             keys.push(key);
+            // Either encoding is fingerprinted as SPKI, as audit checkpoints carry keys.
+            let spki = aws_lc_rs::rsa::PublicKey::from_der(block.contents())
+                .ok()
+                .and_then(|k| k.as_der().ok())
+                .map_or_else(|| block.contents().to_vec(), |d| d.as_ref().to_vec());
+            fingerprints.push(fingerprint(&spki));
         }
-        Ok(Verifier { keys })
+        Ok(Verifier { keys, fingerprints })
     }
 
     /// An RSA public key from its DER (SPKI or PKCS#1), as an audit checkpoint carries it.
     pub(crate) fn from_der(der: &[u8]) -> Option<Self> {
         ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
             .ok()
-            .map(|k| Verifier { keys: vec![k] })
+            .map(|k| Verifier {
+                keys: vec![k],
+                fingerprints: vec![fingerprint(der)],
+            })
+    }
+
+    /// Each key's [`fingerprint`], in file order.
+    pub fn fingerprints(&self) -> &[String] {
+        &self.fingerprints
     }
 
     /// True when `sig` is a valid RS256 signature of `message` by one of these keys.
@@ -222,6 +302,10 @@ pub struct KeyFiles {
 /// Generates an RSA-2048 key pair and writes `DIR/NAME-pri.pem` (PKCS#8, mode 0600) and
 /// `DIR/NAME-pub.key` (SPKI). Existing files are not overwritten.
 pub fn generate(dir: &Path, name: &str) -> Result<KeyFiles, KeyError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(allowed) {
+        return Err(KeyError::Name(name.to_owned()));
+    }
     let pair = KeyPair::generate(KeySize::Rsa2048).map_err(|_| KeyError::Generate)?;
     let private_der = pair.as_der().map_err(|_| KeyError::Generate)?;
     let public_der = pair.public_key().as_der().map_err(|_| KeyError::Generate)?;
@@ -236,6 +320,11 @@ pub fn generate(dir: &Path, name: &str) -> Result<KeyFiles, KeyError> {
         private: dir.join(format!("{name}-pri.pem")),
         public: dir.join(format!("{name}-pub.key")),
     };
+    for path in [&files.private, &files.public] {
+        if path.symlink_metadata().is_ok() {
+            return Err(KeyError::Exists { path: path.clone() });
+        }
+    }
     write_new(&files.private, private_pem.as_bytes(), 0o600)?;
     write_new(&files.public, public_pem.as_bytes(), 0o644)?;
     Ok(files)
@@ -285,7 +374,7 @@ mod tests {
         // A second keygen into the same place must not overwrite the first pair.
         assert!(matches!(
             generate(dir.path(), "t"),
-            Err(KeyError::Write { .. })
+            Err(KeyError::Exists { .. })
         ));
     }
 

@@ -229,10 +229,45 @@ async fn send_cases(node: &Node, audit_path: Option<&Path>) {
     }
 }
 
+/// What the audit log's lines are: decisions (one per answer, written before it was sent),
+/// checkpoints and other kinds, counted.
+fn line_kinds(text: &str) -> String {
+    let (mut decisions, mut checkpoints) = (0, 0);
+    let mut other: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut lines = 0;
+    for line in text.lines() {
+        lines += 1;
+        let Ok(serde_json::Value::Object(record)) = serde_json::from_str(line) else {
+            *other.entry("unreadable".into()).or_default() += 1;
+            continue;
+        };
+        if record.contains_key("request_id") && record.contains_key("status") {
+            decisions += 1;
+        } else if record.contains_key("checkpoint") {
+            checkpoints += 1;
+        } else {
+            let kind = record
+                .keys()
+                .find(|k| !matches!(k.as_str(), "ts" | "seq" | "prev"))
+                .cloned()
+                .unwrap_or_else(|| "other".into());
+            *other.entry(kind).or_default() += 1;
+        }
+    }
+    let mut out = format!(
+        "{lines} lines appended: {decisions} decisions (one per answer, written before it was sent), {checkpoints} signed checkpoints"
+    );
+    for (kind, n) in other {
+        let records = if n == 1 { "record" } else { "records" };
+        out.push_str(&format!(", {n} `{kind}` {records}"));
+    }
+    out
+}
+
 /// Closes the audit log with a signed checkpoint, as a shutdown does, and checks the chain.
 fn close_and_verify(shared: &Shared, path: &Path, gateway_pub: &Verifier) -> Result<(), DemoError> {
-    let lines = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
-    println!("\naudit log: {lines} lines appended (one per answer, written before it was sent)");
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    println!("\naudit log: {}", line_kinds(&text));
     if let Some(audit) = shared.audit.load_full() {
         audit.close().map_err(setup("audit log checkpoint"))?;
     }

@@ -46,6 +46,9 @@ pub enum ProbeError {
     Fixture { path: PathBuf, detail: String },
     #[error("{0}")]
     Call(#[from] CallError),
+    /// The server answered without a usable token: what it said, and the likely fix.
+    #[error("{0}")]
+    Answer(String),
 }
 
 /// What to send.
@@ -103,6 +106,15 @@ fn read_fixture(path: &Path) -> Result<Vec<u8>, ProbeError> {
 pub async fn run(probe: &Probe) -> Result<CallbackResponse, ProbeError> {
     let signer = Signer::load(&probe.node_key)?;
     let verifier = Verifier::load(&probe.server_pub)?;
+    if !probe.url.contains("://") {
+        return Err(ProbeError::Url(
+            probe.url.clone(),
+            format!(
+                "has no scheme; write http://{} or https://{}",
+                probe.url, probe.url
+            ),
+        ));
+    }
     let url = reqwest::Url::parse(&probe.url)
         .map_err(|e| ProbeError::Url(probe.url.clone(), e.to_string()))?;
     let payload = match &probe.payload {
@@ -125,5 +137,16 @@ pub async fn run(probe: &Probe) -> Result<CallbackResponse, ProbeError> {
     let raw = tokio::time::timeout(probe.timeout, client::post_token(&http, &url, &token))
         .await
         .map_err(|_| CallError::Timeout(probe.timeout.as_millis() as u64))??;
-    Ok(client::read_answer(&raw, &verifier, Some(&request_id))?)
+    client::read_answer(&raw, &verifier, Some(&request_id)).map_err(|e| {
+        let body = client::body_excerpt(&raw.body);
+        match (&e, client::http_hint(raw.status, &url)) {
+            (CallError::Http(_), Some(hint)) => {
+                ProbeError::Answer(format!("http_error: {hint} (body: {body})"))
+            }
+            (CallError::Http(_) | CallError::BadResponse(_), None) => {
+                ProbeError::Answer(format!("{e} (body: {body})"))
+            }
+            _ => e.into(),
+        }
+    })
 }

@@ -55,6 +55,8 @@ pub enum ReplayError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0} is given more than once: each audit file counts once; list each file once, oldest first")]
+    Twice(PathBuf),
     #[error("{path}:{line}: not a JSON audit record: {message}")]
     Record {
         path: PathBuf,
@@ -119,6 +121,17 @@ pub fn replay(
     mut on_change: impl FnMut(&Change),
 ) -> Result<Report, ReplayError> {
     let mut report = Report::default();
+    // The same file under two names (`f ./f`, a symlink) would count its records twice.
+    let mut seen = std::collections::HashSet::new();
+    for path in files {
+        let canonical = std::fs::canonicalize(path).map_err(|source| ReplayError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !seen.insert(canonical) {
+            return Err(ReplayError::Twice(path.to_owned()));
+        }
+    }
     for path in files {
         replay_file(candidate, path, &mut report, &mut on_change)?;
     }
