@@ -100,8 +100,8 @@ struct Writer {
     /// A reload changed the signing key and the chain does not carry it yet: the generation
     /// whose key signed before (see [`super::chain::Chain::rotate_key`]).
     rekey_from: Option<Arc<Generation>>,
-    /// Shutdown sealed the file and saved its head: a record that still arrives (a shadow
-    /// verdict) is sealed at once and the head saved again.
+    /// Shutdown sealed the file and saved its head, which must stay its last line: a record
+    /// that still arrives (a late shadow verdict, as the process exits) is not written.
     closed: bool,
     last_idle: Option<Instant>,
     last_retry: Instant,
@@ -380,6 +380,13 @@ impl Writer {
                     // Its request stopped waiting and answered status 30: no record says otherwise.
                     return;
                 }
+                if self.closed {
+                    tracing::warn!(path = %self.chain.path().display(), "an audit record arrived after the log was closed at shutdown: not written (a late shadow verdict is in this log only)");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err("the audit log is closed".into()));
+                    }
+                    return;
+                }
                 self.adopt(g);
                 let result = self.write_record(&body);
                 if let Some(reply) = reply {
@@ -461,6 +468,11 @@ impl Writer {
         let Some(old) = self.rekey_from.clone() else {
             return Ok(());
         };
+        if key_id(&old.signer.public_spki_der()) == self.key {
+            // Changed and changed back before anything was written: nothing rotated.
+            self.rekey_from = None;
+            return Ok(());
+        }
         match self.chain.rotate_key(&old.signer, &g.signer) {
             Ok(()) => {
                 self.rekey_from = None;
@@ -489,8 +501,6 @@ impl Writer {
         let after = self.chain.unsealed + 1;
         let why = if self.chain.retired {
             Some(Seal::Reconfigured)
-        } else if self.closed {
-            Some(Seal::Shutdown)
         } else if after >= p.every {
             Some(Seal::Interval)
         } else {
@@ -499,14 +509,6 @@ impl Writer {
         match self.chain.append(Some(body), why.map(|w| (w, &g.signer))) {
             Ok(()) => {
                 self.wrote(why);
-                if self.closed {
-                    // The head saved at shutdown must stay the file's last line.
-                    return self
-                        .chain
-                        .sync()
-                        .and_then(|()| self.chain.save_head())
-                        .map_err(|e| self.failed(&e, "cannot save the audit chain head"));
-                }
                 Ok(())
             }
             Err(e) => Err(self.failed(&e, "audit log write failed")),

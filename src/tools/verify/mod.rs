@@ -66,11 +66,13 @@ struct Chain {
     rotations: Vec<Rotation>,
 }
 
-/// A checkpoint signed by a key not pinned, and where it is.
+/// A checkpoint signed by a key not pinned, and where it is (small: one per such checkpoint).
 struct Unpinned {
-    key_id: String,
+    /// Index in `summary.keys`.
+    key: usize,
     seq: u64,
-    file: PathBuf,
+    /// Index in the files given.
+    file: usize,
     line: u64,
 }
 
@@ -84,24 +86,36 @@ impl Chain {
         parsed: &Line<'_>,
         (seq, prev): (u64, &str),
         hash: [u8; 32],
-        (path, lineno, unsealed_here): (&Path, u64, &mut u64),
+        (lineno, unsealed_here): (u64, &mut u64),
         opts: &Options,
     ) -> Result<(), String> {
         let ts = parsed.ts.as_deref().unwrap_or("");
         if let Some(cp) = &parsed.checkpoint {
-            match check_checkpoint(cp, prev, seq, ts, &opts.pinned) {
-                Ok(()) => {}
+            let pinned = match check_checkpoint(cp, prev, seq, ts, &opts.pinned) {
+                Ok(()) => true,
                 Err(CheckpointError::Bad(why)) => return Err(format!("bad checkpoint: {why}")),
-                Err(CheckpointError::NotPinned(key_id)) => self.unpinned.push(Unpinned {
-                    key_id,
-                    seq,
-                    file: path.to_owned(),
-                    line: lineno,
-                }),
-            }
+                Err(CheckpointError::NotPinned) => false,
+            };
             self.summary.checkpoints += 1;
-            if !self.summary.keys.iter().any(|k| k == cp.key_id.as_ref()) {
-                self.summary.keys.push(cp.key_id.clone().into_owned());
+            let key = match self
+                .summary
+                .keys
+                .iter()
+                .position(|k| k == cp.key_id.as_ref())
+            {
+                Some(i) => i,
+                None => {
+                    self.summary.keys.push(cp.key_id.clone().into_owned());
+                    self.summary.keys.len() - 1
+                }
+            };
+            if !pinned {
+                self.unpinned.push(Unpinned {
+                    key,
+                    seq,
+                    file: self.summary.files,
+                    line: lineno,
+                });
             }
             self.sealed = true;
             self.last_key = Some(cp.key_id.clone().into_owned());
@@ -171,7 +185,7 @@ pub fn verify(
         chain.summary.files += 1;
         chain.last_file = Some(path.clone());
     }
-    trust(&mut chain)?;
+    trust(&mut chain, files)?;
     if let Some(w) = witnesses {
         chain.summary.witnessed = Some(w.finish((!chain.fresh).then_some(chain.seq))?);
     }
@@ -272,7 +286,7 @@ fn verify_file(
                 parsed,
                 (seq, prev),
                 hash,
-                (path, lineno, &mut unsealed_here),
+                (lineno, &mut unsealed_here),
                 opts,
             )
             .map_err(|why| broken(lineno, why))?;
@@ -319,7 +333,7 @@ fn verify_file(
 /// `key_rotated` record, signed by a trusted key, naming its key as the predecessor, and come
 /// before that record. Keys vouched for are trusted in turn (several rotations), never past
 /// their own rotation. The first checkpoint left over is reported as not pinned.
-fn trust(chain: &mut Chain) -> Result<(), Failure> {
+fn trust(chain: &mut Chain, files: &[PathBuf]) -> Result<(), Failure> {
     // Key id -> the seq below which its checkpoints are trusted. Latest rotations first: a key
     // is trusted at a rotation only if a later one (or a pin) vouches for it there.
     let mut until: HashMap<&str, u64> = HashMap::new();
@@ -333,20 +347,21 @@ fn trust(chain: &mut Chain) -> Result<(), Failure> {
             *t = (*t).max(r.seq);
         }
     }
+    let keys = &chain.summary.keys;
     if let Some(u) = chain
         .unpinned
         .iter()
-        .find(|u| until.get(u.key_id.as_str()).is_none_or(|&t| u.seq >= t))
+        .find(|u| until.get(keys[u.key].as_str()).is_none_or(|&t| u.seq >= t))
     {
         return Err(Failure::NotPinned {
-            file: u.file.clone(),
+            file: files[u.file].clone(),
             line: u.line,
-            key_id: u.key_id.clone(),
+            key_id: keys[u.key].clone(),
         });
     }
     let mut vouched: Vec<(String, u64)> = until
         .iter()
-        .filter(|(k, _)| chain.unpinned.iter().any(|u| u.key_id == **k))
+        .filter(|(k, _)| chain.unpinned.iter().any(|u| keys[u.key] == **k))
         .map(|(k, t)| ((*k).to_owned(), *t))
         .collect();
     vouched.sort_by_key(|(_, t)| *t);
