@@ -381,7 +381,7 @@ impl Writer {
                     return;
                 }
                 if self.closed {
-                    tracing::warn!(path = %self.chain.path().display(), "an audit record arrived after the log was closed at shutdown: not written (a late shadow verdict is in this log only)");
+                    tracing::warn!(path = %self.chain.path().display(), "an audit record arrived after the log was closed at shutdown: not written (a late shadow verdict has its own `shadow verdict` log line)");
                     if let Some(reply) = reply {
                         let _ = reply.send(Err("the audit log is closed".into()));
                     }
