@@ -103,8 +103,9 @@ enum AuditCommand {
         /// Audit files, oldest first (rotated ones included).
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
-        /// Accept only checkpoints signed by this gateway public key (PEM); repeat it for the
-        /// old and new keys across a key rotation.
+        /// Accept only checkpoints signed by this gateway public key (PEM), or by a key that a
+        /// key_rotated record signed by it names as its predecessor (before that record);
+        /// repeatable: old and new keys across a rotation made while the gateway was stopped.
         #[arg(long, value_name = "PUB")]
         key: Vec<PathBuf>,
         /// Accept checkpoints signed by this config's gateway_private_key (with any --key).

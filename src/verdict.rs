@@ -5,7 +5,7 @@
 //! the other way round.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -104,6 +104,39 @@ pub struct Evaluation {
     pub(crate) decision: Decision,
     pub(crate) embedded: Embedded,
     pub(crate) verdicts: Vec<Verdict>,
+    /// The shadow calls whose verdicts `verdicts` shows `pending`: each is handed on once it
+    /// arrives and an answer's record is out ([`ShadowSlot::release`]).
+    pub(crate) late: Vec<Arc<ShadowSlot>>,
+}
+
+/// Where a shadow verdict goes that arrived after the answer's record went out.
+pub(crate) type LateSink = Box<dyn FnOnce(Verdict) + Send>;
+
+/// One shadow call's verdict, as the answer sees it. The call fills it in whenever it
+/// finishes; the answer takes it if it is there already, and otherwise its record shows the
+/// call `pending` and the verdict is handed to a sink later, after that record.
+///
+/// Guarantees: a verdict goes either into the answer's verdicts or to one sink, exactly once
+/// whichever side comes first; never to a sink before an answer's record was handed over
+/// ([`ShadowSlot::release`]), so a late verdict always follows the record it completes.
+#[derive(Default)]
+pub(crate) struct ShadowSlot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+enum SlotState {
+    /// The call is running and no answer has looked yet.
+    #[default]
+    Running,
+    /// The verdict arrived before the answer looked: the answer carries it.
+    Done(Verdict),
+    /// The answer showed the call `pending`; its verdict (once here) waits for the release.
+    Missed(Option<Verdict>),
+    /// An answer's record is out: the verdict goes to this sink when it arrives.
+    Released(LateSink),
+    /// Handed on (to the answer or a sink): nothing more to do.
+    Finished,
 }
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -169,6 +202,79 @@ impl Verdict {
             detail: cap(detail),
         }
     }
+}
+
+// === impl ShadowSlot ===
+
+impl ShadowSlot {
+    /// The call finished with `v` (the shadow call's task).
+    pub(crate) fn finish(&self, v: Verdict) {
+        let mut state = lock(&self.state);
+        match std::mem::take(&mut *state) {
+            SlotState::Running => *state = SlotState::Done(v),
+            SlotState::Missed(_) => *state = SlotState::Missed(Some(v)),
+            SlotState::Released(sink) => {
+                *state = SlotState::Finished;
+                drop(state);
+                sink(v);
+            }
+            // A call finishes once; keep what is there.
+            other => *state = other,
+        }
+    }
+
+    /// The verdict for the answer, if it has arrived; otherwise `None`, and the answer's
+    /// record shows the call `pending` (the verdict then waits for [`ShadowSlot::release`]).
+    pub(crate) fn take(&self) -> Option<Verdict> {
+        let mut state = lock(&self.state);
+        match std::mem::take(&mut *state) {
+            SlotState::Done(v) => {
+                *state = SlotState::Finished;
+                Some(v)
+            }
+            SlotState::Running => {
+                *state = SlotState::Missed(None);
+                None
+            }
+            other => {
+                *state = other;
+                None
+            }
+        }
+    }
+
+    /// An answer's record that shows the call `pending` was handed over: the verdict goes to
+    /// `sink` now if it is here, else when it arrives. Only the first release counts (twins
+    /// and remembered answers release the same slot).
+    pub(crate) fn release(&self, sink: LateSink) {
+        let mut state = lock(&self.state);
+        match std::mem::take(&mut *state) {
+            SlotState::Missed(Some(v)) => {
+                *state = SlotState::Finished;
+                drop(state);
+                sink(v);
+            }
+            SlotState::Missed(None) => *state = SlotState::Released(sink),
+            other => *state = other,
+        }
+    }
+}
+
+impl fmt::Debug for ShadowSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &*lock(&self.state) {
+            SlotState::Running => "running",
+            SlotState::Done(_) => "done",
+            SlotState::Missed(_) => "missed",
+            SlotState::Released(_) => "released",
+            SlotState::Finished => "finished",
+        };
+        write!(f, "ShadowSlot({state})")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // === impl Embedded ===
@@ -286,6 +392,42 @@ fn approve() -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that keeps what it is given.
+    fn sink(into: &Arc<Mutex<Vec<Outcome>>>) -> LateSink {
+        let into = into.clone();
+        Box::new(move |v: Verdict| into.lock().unwrap().push(v.outcome))
+    }
+
+    #[test]
+    fn a_shadow_verdict_goes_to_the_answer_or_to_one_sink_after_the_release() {
+        // Arrived before the answer looked: the answer carries it, no sink gets it.
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let s = ShadowSlot::default();
+        s.finish(v("s", Outcome::Rejected, "no"));
+        assert_eq!(s.take().map(|v| v.outcome), Some(Outcome::Rejected));
+        s.release(sink(&got));
+        assert!(got.lock().unwrap().is_empty());
+
+        // Arrived between the answer's look and its record: handed on at the release only.
+        let s = ShadowSlot::default();
+        assert!(s.take().is_none());
+        s.finish(v("s", Outcome::Approved, ""));
+        assert!(got.lock().unwrap().is_empty());
+        s.release(sink(&got));
+        s.release(sink(&got));
+        assert_eq!(*got.lock().unwrap(), vec![Outcome::Approved]);
+
+        // Arrived after the release (twice released, by twins): one sink gets it, once.
+        got.lock().unwrap().clear();
+        let s = ShadowSlot::default();
+        assert!(s.take().is_none());
+        s.release(sink(&got));
+        s.release(sink(&got));
+        assert!(got.lock().unwrap().is_empty());
+        s.finish(v("s", Outcome::Timeout, "late"));
+        assert_eq!(*got.lock().unwrap(), vec![Outcome::Timeout]);
+    }
 
     fn v(server: &str, outcome: Outcome, detail: &str) -> Verdict {
         Verdict {

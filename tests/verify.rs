@@ -667,3 +667,418 @@ fn every_kind_of_record_chains_and_counts() {
         "{out}"
     );
 }
+
+// === key rotation (issue 21 item 2) ===
+
+impl Chain {
+    /// A `key_rotated` record as the README documents it: `old_signer` and `new_signer` sign
+    /// the statement naming `old` and `new` at this place in the chain (an honest gateway:
+    /// each key signs for itself; a forger signs with what it has).
+    fn key_rotated_signed(
+        &mut self,
+        (old, old_signer): (&KeyPair, &KeyPair),
+        (new, new_signer): (&KeyPair, &KeyPair),
+    ) -> String {
+        let seq = self.seq + 1;
+        let ts = Chain::ts(seq);
+        let message = format!(
+            "tss-callback-gateway audit key rotation v1\nprev {}\nseq {seq}\nts {ts}\nold {}\nnew {}\n",
+            self.head,
+            key_id(old),
+            key_id(new)
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let sign = |key: &KeyPair| {
+            let sig = jsonwebtoken::crypto::sign(
+                message.as_bytes(),
+                &key.encoding(),
+                jsonwebtoken::Algorithm::RS256,
+            )
+            .unwrap();
+            b64.encode(
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(sig)
+                    .unwrap(),
+            )
+        };
+        self.push(json!({"ts": ts, "key_rotated": {
+            "old_key_id": key_id(old), "old_public_key": b64.encode(spki_der(old)),
+            "new_key_id": key_id(new), "new_public_key": b64.encode(spki_der(new)),
+            "old_signature": sign(old_signer), "new_signature": sign(new_signer),
+        }}))
+    }
+
+    /// The gateway's rotation from `old` to `new`: a checkpoint by `old`, the record, a
+    /// checkpoint by `new`.
+    fn rotate(&mut self, old: &KeyPair, new: &KeyPair) {
+        self.checkpoint(old, "key_rotated");
+        self.key_rotated_signed((old, old), (new, new));
+        self.checkpoint(new, "key_rotated");
+    }
+}
+
+#[test]
+fn a_key_rotated_record_makes_the_pinned_key_vouch_for_its_predecessors_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = keys();
+    let (first, old, new) = (&k.servers[2], &k.gateway, &k.intruder);
+    let mallory = &k.servers[3];
+    let pin = |key: &KeyPair| ["--key", path(&key.spki)].map(str::to_owned);
+    let run = |file: &Path, key: &KeyPair| {
+        let p = pin(key);
+        verify(&[file], &[p[0].as_str(), p[1].as_str()])
+    };
+
+    // Two rotations: first -> old -> new. Pinning the newest key trusts both predecessors.
+    let mut c = Chain::new();
+    c.decisions("a", 2);
+    c.checkpoint(first, "start");
+    c.rotate(first, old);
+    c.decisions("b", 2);
+    c.checkpoint(old, "idle");
+    let rotation_seq = c.seq + 2;
+    c.rotate(old, new);
+    c.decisions("c", 2);
+    c.checkpoint(new, "shutdown");
+    let good = c.write(d, "rotated.jsonl");
+    let (code, out) = run(&good, new);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "and before seq {rotation_seq} by its predecessor sha256:{}",
+            &key_id(old)[..16]
+        )),
+        "{out}"
+    );
+    // The middle key pinned: its predecessor is vouched for, its successor is not pinned.
+    let (code, out) = run(&good, old);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("checkpoint signed by key sha256:{}", key_id(new)))
+            && out.contains("NOT PINNED"),
+        "{out}"
+    );
+    assert!(!out.contains("BROKEN"), "{out}");
+
+    // The old key, leaked after the rotation, signs lines appended after it: not trusted
+    // there, though its checkpoints before the rotation are.
+    let mut leaked = c.clone();
+    leaked.decisions("after-leak", 1);
+    leaked.checkpoint(old, "shutdown");
+    let file = leaked.write(d, "leaked.jsonl");
+    let (code, out) = run(&file, new);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "NOT PINNED {}:{}: checkpoint signed by key sha256:{}",
+            file.display(),
+            leaked.lines.len(),
+            key_id(old)
+        )),
+        "{out}"
+    );
+
+    // A forger with write access but no gateway key rewrites the history with a key of their
+    // own and names it the predecessor of the pinned key. They cannot sign for the pinned key:
+    // the record is tampering.
+    let mut forged = Chain::new();
+    forged.decisions("fake", 3);
+    forged.checkpoint(mallory, "idle");
+    forged.key_rotated_signed((mallory, mallory), (new, mallory));
+    forged.checkpoint(mallory, "key_rotated");
+    let file = forged.write(d, "forged.jsonl");
+    let (code, out) = run(&file, new);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "BROKEN {}:5: bad key_rotated: new_signature does not verify with new_public_key",
+            file.display()
+        )),
+        "{out}"
+    );
+    // Or carries a second key of their own as the new one: valid signatures, but no trusted
+    // key vouches for either of theirs.
+    let mut forged = Chain::new();
+    forged.decisions("fake", 3);
+    forged.rotate(mallory, first);
+    let file = forged.write(d, "forged2.jsonl");
+    let (code, out) = run(&file, new);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "NOT PINNED {}:4: checkpoint signed by key sha256:{}",
+            file.display(),
+            key_id(mallory)
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("intact"), "{out}");
+
+    // A genuine record moved elsewhere in the chain no longer verifies: it is bound to its
+    // place (prev, seq, ts).
+    let genuine: Value = serde_json::from_str(&c.lines[4]).unwrap();
+    assert!(genuine.get("key_rotated").is_some(), "{genuine}");
+    let mut moved = Chain::new();
+    moved.decisions("a", 2);
+    moved.checkpoint(first, "start");
+    moved.decisions("extra", 1);
+    moved.checkpoint(first, "idle");
+    moved.push(json!({"ts": genuine["ts"], "key_rotated": genuine["key_rotated"]}));
+    moved.checkpoint(old, "key_rotated");
+    let file = moved.write(d, "moved.jsonl");
+    let (code, out) = run(&file, old);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "BROKEN {}:6: bad key_rotated: old_signature does not verify",
+            file.display()
+        )),
+        "{out}"
+    );
+    // And a record that does not follow a checkpoint by its old key is refused.
+    let mut loose = Chain::new();
+    loose.checkpoint(first, "start");
+    loose.decisions("a", 1);
+    loose.key_rotated_signed((first, first), (old, old));
+    loose.checkpoint(old, "key_rotated");
+    let file = loose.write(d, "loose.jsonl");
+    let (code, out) = run(&file, old);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad key_rotated: it does not follow a checkpoint by its old key"),
+        "{out}"
+    );
+}
+
+/// `run -c config` with its stderr (logs and witness lines) going to `stderr`, once it accepts
+/// connections on `addr`.
+fn spawn_gateway(config: &Path, addr: std::net::SocketAddr, stderr: &Path) -> std::process::Child {
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr)
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "-c", path(config), "--log-format", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "gateway did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// SIGTERM and a clean exit.
+fn stop(mut child: std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(child.wait().unwrap().success(), "gateway did not exit 0");
+}
+
+/// Asks the gateway at `addr` to approve a KeySign as the TSS Node does; its answer must be
+/// signed by `key`.
+async fn approved(addr: std::net::SocketAddr, id: &str, key: &KeyPair) -> bool {
+    let payload = common::requests::request("key_sign", id);
+    let text = common::http::http()
+        .post(format!("http://{addr}/v2/check"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(common::node::node_form(&payload))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let token: String = serde_json::from_str(&text).unwrap();
+    let answer = common::tokens::open(&token, &key.decoding())
+        .unwrap_or_else(|e| panic!("answer not signed by the expected key: {e}"));
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    answer["status"] == 0 && answer["action"] == "APPROVE"
+}
+
+/// A folder with a gateway config (embedded rules only) whose `gateway_private_key` is
+/// `keys/gateway-pri.pem`, holding `key` for now.
+fn rotation_setup(key: &KeyPair) -> (tempfile::TempDir, std::net::SocketAddr, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::copy(&key.pkcs8, dir.path().join("keys/gateway-pri.pem")).unwrap();
+    let yaml = config_yaml(
+        addr,
+        &[],
+        "audit_log: audit.jsonl\nreload_settle_ms: 200\nembedded_risk_control_rules:\n  enable: true\n",
+    )
+    .replace(path(&keys().gateway.pkcs8), "keys/gateway-pri.pem");
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    (dir, addr, config)
+}
+
+/// Puts `key` in place of the gateway's private key file, as an operator would (write beside,
+/// rename over).
+fn replace_key(dir: &Path, key: &KeyPair) {
+    let tmp = dir.join("keys/.gateway-pri.pem.new");
+    std::fs::copy(&key.pkcs8, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("keys/gateway-pri.pem")).unwrap();
+}
+
+fn audit_lines(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_by_reload_verifies_with_the_config_alone() {
+    let k = keys();
+    let (old, new) = (&k.gateway, &k.intruder);
+    let (dir, addr, config) = rotation_setup(old);
+    let d = dir.path();
+    let log = d.join("audit.jsonl");
+    let stderr = d.join("gateway.log");
+    let gw = spawn_gateway(&config, addr, &stderr);
+    for i in 0..3 {
+        assert!(approved(addr, &format!("before-{i}"), old).await);
+    }
+    replace_key(d, new);
+    common::until(30, "a key_rotated record after the reload", || {
+        audit_lines(&log)
+            .iter()
+            .any(|l| l.get("key_rotated").is_some())
+    })
+    .await;
+    for i in 0..3 {
+        assert!(approved(addr, &format!("after-{i}"), new).await);
+    }
+    stop(gw);
+
+    // The rotation as written: a checkpoint by the old key, the record both keys sign, a
+    // checkpoint by the new key.
+    let lines = audit_lines(&log);
+    let at = lines
+        .iter()
+        .position(|l| l.get("key_rotated").is_some())
+        .unwrap();
+    let r = &lines[at]["key_rotated"];
+    assert_eq!(r["old_key_id"], key_id(old).as_str());
+    assert_eq!(r["new_key_id"], key_id(new).as_str());
+    assert_eq!(lines[at - 1]["checkpoint"]["key_id"], key_id(old).as_str());
+    assert_eq!(lines[at - 1]["checkpoint"]["reason"], "key_rotated");
+    assert_eq!(lines[at + 1]["checkpoint"]["key_id"], key_id(new).as_str());
+    assert!(
+        lines[..at]
+            .iter()
+            .filter_map(|l| l.get("checkpoint"))
+            .all(|c| c["key_id"] == key_id(old).as_str()),
+        "a checkpoint before the rotation by another key"
+    );
+    assert!(
+        lines[at + 1..]
+            .iter()
+            .filter_map(|l| l.get("checkpoint"))
+            .all(|c| c["key_id"] == key_id(new).as_str()),
+        "a checkpoint after the rotation by another key"
+    );
+
+    // `-c` (the new key, now in the config) verifies the whole file by itself, witnesses too.
+    let (code, out) = verify(&[&log], &["-c", path(&config)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("6 decisions"), "{out}");
+    assert!(out.contains("by its predecessor"), "{out}");
+    let (code, out) = verify(&[&log], &["-c", path(&config), "--witness", path(&stderr)]);
+    assert_eq!(code, 0, "{out}");
+    // The new key alone, and both keys: intact too.
+    assert_eq!(verify(&[&log], &["--key", path(&new.spki)]).0, 0);
+    let (code, out) = verify(
+        &[&log],
+        &["--key", path(&old.spki), "--key", path(&new.spki)],
+    );
+    assert_eq!(code, 0, "{out}");
+    // The old key alone: what the new key signed is not pinned, never tampering.
+    let (code, out) = verify(&[&log], &["--key", path(&old.spki)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "NOT PINNED {}:{}: checkpoint signed by key sha256:{}",
+            log.display(),
+            at + 2,
+            key_id(new)
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("BROKEN"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_across_a_restart_begins_a_new_chain_each_part_verifies_with_its_key() {
+    let k = keys();
+    let (old, new) = (&k.gateway, &k.intruder);
+    let (dir, addr, config) = rotation_setup(old);
+    let d = dir.path();
+    let log = d.join("audit.jsonl");
+    let stderr = d.join("gateway.log");
+    let gw = spawn_gateway(&config, addr, &stderr);
+    assert!(approved(addr, "before", old).await);
+    stop(gw);
+    replace_key(d, new);
+    let gw = spawn_gateway(&config, addr, &stderr);
+    assert!(approved(addr, "after", new).await);
+    stop(gw);
+
+    // The saved head is signed by a key the gateway can no longer vouch for: the old file is
+    // set aside, and the log says why.
+    let aside: Vec<PathBuf> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("audit.jsonl.discontinuity-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        text.contains(&format!(
+            "signed by key sha256:{}, not by this gateway's key sha256:{}",
+            key_id(old),
+            key_id(new)
+        )),
+        "{text}"
+    );
+    let first = &audit_lines(&log)[0];
+    assert_eq!(first["checkpoint"]["reason"], "discontinuity", "{first}");
+    assert_eq!(first["prev"], "0".repeat(64), "{first}");
+
+    // Each part verifies with its own key, as the README says; together they are two chains.
+    let (code, out) = verify(&[&aside[0]], &["--key", path(&old.spki)]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = verify(&[&log], &["-c", path(&config)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("a new chain starts here"), "{out}");
+    let (code, out) = verify(
+        &[&aside[0], &log],
+        &["--key", path(&old.spki), "--key", path(&new.spki)],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("a new chain starts here"), "{out}");
+}

@@ -17,12 +17,14 @@ use super::dedup::{self, Lookup};
 use super::refusal;
 use crate::config::Mode;
 use crate::generation::{Audience, Downstream, Generation};
-use crate::ops::audit::{AuditRecord, Ticket};
+use crate::ops::audit::{AuditRecord, Shadow, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::outbound::{client, fanout, Outbound};
 use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status};
 use crate::rules::RuleVerdict;
-use crate::verdict::{decide, Decision, Embedded, Evaluation, Verdict};
+use crate::verdict::{
+    decide, Decision, Embedded, Evaluation, ShadowSlot, Verdict, MAX_ERROR_BYTES,
+};
 use crate::Shared;
 
 /// Everything known about one request once it is decided.
@@ -39,6 +41,8 @@ struct Answer {
     /// A status-20 answer's fixed text (see [`refusal`]); `decision.error` says exactly why,
     /// for the log and the audit record.
     refusal: Option<&'static str>,
+    /// The shadow calls `verdicts` shows `pending`, released once the record is out.
+    late: Vec<Arc<ShadowSlot>>,
 }
 
 impl dedup::Footprint for Arc<Evaluation> {
@@ -49,6 +53,8 @@ impl dedup::Footprint for Arc<Evaluation> {
             + details
             + self.decision.error.capacity()
             + self.embedded.heap_bytes()
+            // A late verdict waits here at most until it is handed on.
+            + self.late.len() * (std::mem::size_of::<ShadowSlot>() + MAX_ERROR_BYTES)
     }
 }
 
@@ -125,6 +131,7 @@ pub(crate) async fn check(
     let elapsed = started.elapsed();
     let kind = protocol::type_name(answer.code);
     audit(&shared, &g, &mut answer, kind, elapsed, ticket, deadline).await;
+    release_late_shadows(&shared, &answer);
     shared
         .metrics
         .requests
@@ -214,6 +221,33 @@ async fn audit(
     }
 }
 
+/// Once the answer's record is handed over (or was not to be written): each shadow verdict it
+/// shows `pending` goes to the audit log as a `shadow` record of its own when it arrives (at
+/// once if it already has). Twins and remembered answers release the same calls: each verdict
+/// is recorded once.
+fn release_late_shadows(shared: &Arc<Shared>, answer: &Answer) {
+    for slot in &answer.late {
+        // Weak: a verdict still to come must not keep the gateway's state alive.
+        let shared = Arc::downgrade(shared);
+        let request_id = answer.request_id.clone();
+        slot.release(Box::new(move |v: Verdict| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if let Some(audit) = shared.audit.load_full() {
+                let shadow = Shadow {
+                    request_id: &request_id,
+                    server: &v.server,
+                    outcome: v.outcome.as_str(),
+                    duration_ms: v.duration.as_secs_f64() * 1000.0,
+                    detail: &v.detail,
+                };
+                audit.shadow(&shared.current.load_full(), shadow);
+            }
+        }));
+    }
+}
+
 /// A request whose decision used up its deadline still gives the audit writer this long.
 const AUDIT_WAIT_MIN: Duration = Duration::from_millis(500);
 
@@ -247,6 +281,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         duplicate: false,
         request: None,
         refusal: None,
+        late: Vec::new(),
     }
 }
 
@@ -341,6 +376,7 @@ async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: 
             duplicate: shared,
             request: recorded,
             refusal: None,
+            late: value.late.clone(),
         },
     }
 }
@@ -360,15 +396,15 @@ async fn evaluate(
     let embedded = Embedded::from(&rules);
     let CallbackRequest { request_id, .. } = request;
     let mut servers = g.subscribers(kind).peekable();
-    let (decision, verdicts) = if matches!(rules, RuleVerdict::Reject(_)) {
+    let (decision, verdicts, late) = if matches!(rules, RuleVerdict::Reject(_)) {
         shared
             .metrics
             .embedded_rejections
             .with_label_values(&[protocol::type_name(Some(code))])
             .inc();
-        (decide(&rules, &[]), Vec::new())
+        (decide(&rules, &[]), Vec::new(), Vec::new())
     } else if servers.peek().is_none() {
-        (decide(&rules, &[]), Vec::new())
+        (decide(&rules, &[]), Vec::new(), Vec::new())
     } else {
         // One signature for all downstreams: they all get the node's exact bytes.
         let out = Outbound {
@@ -390,22 +426,25 @@ async fn evaluate(
         decision,
         embedded,
         verdicts,
+        late,
     }
 }
 
-/// Fans `out` out to `servers` and decides. Returns the decision and every verdict: enforcing
-/// ones first, then shadows as they stand when the answer goes out.
+/// Fans `out` out to `servers` and decides. Returns the decision, every verdict (enforcing
+/// ones first, then shadows as they stand when the answer goes out) and the slots of the
+/// shadow calls still running.
 async fn ask_downstreams<'a>(
     metrics: &Metrics,
     servers: impl Iterator<Item = &'a Arc<Downstream>>,
     rules: &RuleVerdict,
     out: &Outbound,
     max_in_flight: usize,
-) -> (Decision, Vec<Verdict>) {
+) -> (Decision, Vec<Verdict>, Vec<Arc<ShadowSlot>>) {
     let (mut verdicts, shadows) = fanout::fan_out(servers, out, metrics, max_in_flight).await;
     let decision = decide(rules, &verdicts);
-    verdicts.extend(fanout::shadow_snapshot(&shadows));
-    (decision, verdicts)
+    let (shadow_verdicts, late) = fanout::shadow_snapshot(shadows);
+    verdicts.extend(shadow_verdicts);
+    (decision, verdicts, late)
 }
 
 /// Best-effort `request_id` and `request_type` from a payload that failed to parse, so the

@@ -5,9 +5,11 @@
 //! and cancels the rest; shadow calls run detached and never delay or change the answer; a
 //! server has at most its shadow cap of shadow calls in flight (`max_concurrent` if set, else
 //! `max_in_flight`), and a shadow call beyond it is skipped at once (counted `skipped`), never
-//! waited for, so a shadow server that hangs holds a bounded number of connections.
+//! waited for, so a shadow server that hangs holds a bounded number of connections. A shadow
+//! verdict that arrives after the answer is handed on through its [`ShadowSlot`] (to the audit
+//! log, as a `shadow` record of its own).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -18,10 +20,10 @@ use super::Outbound;
 use crate::config::Mode;
 use crate::generation::Downstream;
 use crate::ops::metrics::Metrics;
-use crate::verdict::{Outcome, Verdict};
+use crate::verdict::{Outcome, ShadowSlot, Verdict};
 
-/// A shadow call's verdict, filled in whenever it finishes.
-pub(crate) type ShadowSlot = (Arc<Downstream>, Arc<OnceLock<Verdict>>);
+/// A shadow call: its server and the slot its verdict lands in whenever it finishes.
+pub(crate) type ShadowCall = (Arc<Downstream>, Arc<ShadowSlot>);
 
 /// Sends `out` to every server in `servers` at once. Returns the enforcing verdicts (in the
 /// order they finished, cancelled ones last) and the shadow slots. A shadow server without
@@ -31,7 +33,7 @@ pub(crate) async fn fan_out<'a>(
     out: &Outbound,
     metrics: &Metrics,
     max_in_flight: usize,
-) -> (Vec<Verdict>, Vec<ShadowSlot>) {
+) -> (Vec<Verdict>, Vec<ShadowCall>) {
     let mut pending = FuturesUnordered::new();
     let mut enforcing = Vec::new();
     let mut shadows = Vec::new();
@@ -87,8 +89,8 @@ pub(crate) fn shadow_cap(ds: &Downstream, max_in_flight: usize) -> usize {
 
 /// Calls a shadow server in a task of its own; its verdict lands in the returned slot. Beyond
 /// `cap` shadow calls in flight to it, the call is skipped and the slot filled at once.
-fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize) -> ShadowSlot {
-    let slot = Arc::new(OnceLock::new());
+fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize) -> ShadowCall {
+    let slot = Arc::new(ShadowSlot::default());
     let Some(place) = ds.shadows.try_admit(cap) else {
         let v = ds.verdict(
             Outcome::Skipped,
@@ -96,7 +98,7 @@ fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize
             format!("skipped: {cap} shadow calls to this server in flight"),
         );
         metrics.record_call(&v);
-        let _ = slot.set(v);
+        slot.finish(v);
         return (ds, slot);
     };
     let filled = slot.clone();
@@ -106,19 +108,24 @@ fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize
         let v = call(&server, &metrics, &out).await;
         metrics.record_call(&v);
         tracing::info!(request_id = %client::snippet(&out.request_id), server = %v.server, outcome = v.outcome.as_str(), duration_ms = v.duration.as_millis() as u64, "shadow verdict");
-        let _ = filled.set(v);
+        filled.finish(v);
     });
     (ds, slot)
 }
 
-/// The shadow verdicts as they stand now; calls still running show as `pending`.
-pub(crate) fn shadow_snapshot(shadows: &[ShadowSlot]) -> Vec<Verdict> {
-    shadows
-        .iter()
-        .map(|(ds, slot)| {
-            slot.get()
-                .cloned()
-                .unwrap_or_else(|| ds.verdict(Outcome::Pending, Duration::ZERO, String::new()))
-        })
-        .collect()
+/// The shadow verdicts as they stand now, for the answer: calls still running show as
+/// `pending`, and their slots are returned, to be released once the answer's record is out.
+pub(crate) fn shadow_snapshot(shadows: Vec<ShadowCall>) -> (Vec<Verdict>, Vec<Arc<ShadowSlot>>) {
+    let mut verdicts = Vec::with_capacity(shadows.len());
+    let mut late = Vec::new();
+    for (ds, slot) in shadows {
+        match slot.take() {
+            Some(v) => verdicts.push(v),
+            None => {
+                verdicts.push(ds.verdict(Outcome::Pending, Duration::ZERO, String::new()));
+                late.push(slot);
+            }
+        }
+    }
+    (verdicts, late)
 }

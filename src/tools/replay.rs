@@ -6,8 +6,12 @@
 //! time. A server the candidate would ask that did not see the request makes the outcome
 //! unknown; that is a change to look at, as are: a rejection by the rules, a rejection by a server
 //! the candidate no longer asks, and a request no check would cover any more.
+//!
+//! A shadow call still running when the answer went out is recorded `pending` in the decision
+//! record and its verdict later in a `shadow` record of its own: a first pass reads those, so a
+//! shadow server the candidate switches to enforce is judged by the verdict it gave.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -71,7 +75,26 @@ struct Recorded<'a> {
     action: &'a str,
     embedded: &'a str,
     /// Each server's (name, mode, outcome).
-    servers: Vec<(&'a str, &'a str, &'a str)>,
+    servers: Vec<(&'a str, &'a str, String)>,
+}
+
+/// Where a line is: (file index, line number), in the order the files were given.
+type Place = (usize, u64);
+
+/// The `shadow` records: verdicts that arrived after their answer, by request and server.
+#[derive(Default)]
+struct LateVerdicts {
+    /// (request_id, server) -> each late verdict's place and outcome, in order; `used` once a
+    /// decision record took it.
+    late: HashMap<(String, String), Vec<Late>>,
+    /// (request_id, server) -> the outcome the last evaluation of it took (for its duplicates).
+    last: HashMap<(String, String), String>,
+}
+
+struct Late {
+    at: Place,
+    outcome: String,
+    used: bool,
 }
 
 // === impl Change / Report ===
@@ -120,7 +143,6 @@ pub fn replay(
     files: &[PathBuf],
     mut on_change: impl FnMut(&Change),
 ) -> Result<Report, ReplayError> {
-    let mut report = Report::default();
     // The same file under two names (`f ./f`, a symlink) would count its records twice.
     let mut seen = std::collections::HashSet::new();
     for path in files {
@@ -132,17 +154,42 @@ pub fn replay(
             return Err(ReplayError::Twice(path.to_owned()));
         }
     }
-    for path in files {
-        replay_file(candidate, path, &mut report, &mut on_change)?;
+    let mut late = LateVerdicts::default();
+    for (i, path) in files.iter().enumerate() {
+        each_record(path, |line, record| {
+            if let Some(s) = record.get("shadow") {
+                let text = |k: &str| s[k].as_str().unwrap_or("").to_owned();
+                late.late
+                    .entry((text("request_id"), text("server")))
+                    .or_default()
+                    .push(Late {
+                        at: (i, line),
+                        outcome: text("outcome"),
+                        used: false,
+                    });
+            }
+        })?;
+    }
+    let mut report = Report::default();
+    for (i, path) in files.iter().enumerate() {
+        each_record(path, |line, record| {
+            replay_record(
+                candidate,
+                (i, line),
+                &record,
+                &mut late,
+                &mut report,
+                &mut on_change,
+            );
+        })?;
     }
     Ok(report)
 }
 
-fn replay_file(
-    candidate: &Config,
+/// Calls `each` with every line of `path` (its number and its JSON).
+fn each_record(
     path: &Path,
-    report: &mut Report,
-    on_change: &mut impl FnMut(&Change),
+    mut each: impl FnMut(u64, serde_json::Value),
 ) -> Result<(), ReplayError> {
     let read_err = |source| ReplayError::Read {
         path: path.to_owned(),
@@ -163,41 +210,94 @@ fn replay_file(
                 line,
                 message: e.to_string(),
             })?;
-        // Only decision records are replayed; checkpoints, `config`, `refused`, `shadow` and
-        // other kinds are not requests.
-        if record.get("request_id").is_none() || record.get("status").is_none() {
-            continue;
+        each(line, record);
+    }
+}
+
+/// Replays one line, if it is a decision record that carries its request.
+fn replay_record(
+    candidate: &Config,
+    at: Place,
+    record: &serde_json::Value,
+    late: &mut LateVerdicts,
+    report: &mut Report,
+    on_change: &mut impl FnMut(&Change),
+) {
+    // Only decision records are replayed; checkpoints, `config`, `refused`, `shadow` and
+    // other kinds are not requests.
+    if record.get("request_id").is_none() || record.get("status").is_none() {
+        return;
+    }
+    let status = record["status"].as_i64().unwrap_or(-1);
+    let Some(request) = record.get("request").filter(|_| matches!(status, 0 | 30)) else {
+        report.skipped += 1;
+        return;
+    };
+    let request_id = record["request_id"].as_str().unwrap_or("");
+    let duplicate = record["duplicate"].as_bool().unwrap_or(false);
+    let recorded = Recorded {
+        status,
+        action: record["action"].as_str().unwrap_or(""),
+        embedded: record["embedded"].as_str().unwrap_or(""),
+        servers: record["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let (name, mode) = (
+                    s["name"].as_str().unwrap_or(""),
+                    s["mode"].as_str().unwrap_or(""),
+                );
+                let mut outcome = s["outcome"].as_str().unwrap_or("").to_owned();
+                if mode == "shadow" && outcome == "pending" {
+                    if let Some(o) = late.verdict(request_id, name, at, duplicate) {
+                        outcome = o;
+                    }
+                }
+                (name, mode, outcome)
+            })
+            .collect(),
+    };
+    let code = request["request_type"].as_i64();
+    let kind = protocol::type_name(code);
+    let tally = report.by_type.entry(kind).or_default();
+    tally.replayed += 1;
+    if let Some(change) = redecide(candidate, request, code, &recorded) {
+        tally.changed += 1;
+        on_change(&change);
+    }
+}
+
+// === impl LateVerdicts ===
+
+impl LateVerdicts {
+    /// The late verdict of `server` for the decision record of `request_id` at `at`, whose
+    /// record shows that server `pending`. An evaluation's verdict is recorded after its first
+    /// record: a record of its own takes the first unused one after it; a duplicate (a twin or
+    /// a remembered answer, which shares its evaluation) takes what that evaluation took, or,
+    /// written before it, the next one without using it up.
+    fn verdict(
+        &mut self,
+        request_id: &str,
+        server: &str,
+        at: Place,
+        duplicate: bool,
+    ) -> Option<String> {
+        let key = (request_id.to_owned(), server.to_owned());
+        if duplicate {
+            if let Some(o) = self.last.get(&key) {
+                return Some(o.clone());
+            }
         }
-        let status = record["status"].as_i64().unwrap_or(-1);
-        let Some(request) = record.get("request").filter(|_| matches!(status, 0 | 30)) else {
-            report.skipped += 1;
-            continue;
-        };
-        let recorded = Recorded {
-            status,
-            action: record["action"].as_str().unwrap_or(""),
-            embedded: record["embedded"].as_str().unwrap_or(""),
-            servers: record["servers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| {
-                    (
-                        s["name"].as_str().unwrap_or(""),
-                        s["mode"].as_str().unwrap_or(""),
-                        s["outcome"].as_str().unwrap_or(""),
-                    )
-                })
-                .collect(),
-        };
-        let code = request["request_type"].as_i64();
-        let kind = protocol::type_name(code);
-        let tally = report.by_type.entry(kind).or_default();
-        tally.replayed += 1;
-        if let Some(change) = redecide(candidate, request, code, &recorded) {
-            tally.changed += 1;
-            on_change(&change);
+        let list = self.late.get_mut(&key)?;
+        let next = list.iter_mut().find(|l| !l.used && l.at > at)?;
+        if duplicate {
+            return Some(next.outcome.clone());
         }
+        next.used = true;
+        let outcome = next.outcome.clone();
+        self.last.insert(key, outcome.clone());
+        Some(outcome)
     }
 }
 
@@ -285,8 +385,8 @@ fn decide_again(
         recorded
             .servers
             .iter()
-            .find(|(n, _, o)| *n == name && !matches!(*o, "pending" | "cancelled" | ""))
-            .and_then(|(_, _, o)| Outcome::RECORDED.into_iter().find(|r| r.as_str() == *o))
+            .find(|(n, _, o)| *n == name && !matches!(o.as_str(), "pending" | "cancelled" | ""))
+            .and_then(|(_, _, o)| Outcome::RECORDED.into_iter().find(|r| r.as_str() == o))
     };
     let unseen: Vec<&str> = subscribers
         .iter()

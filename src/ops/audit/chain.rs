@@ -243,7 +243,7 @@ impl Chain {
             Seal::Discontinuity,
             Some(&found),
         )?;
-        self.write_lines(&[&signed.line], Some(&signed))?;
+        self.write_lines(&[&signed.line], &[&signed])?;
         self.file.sync_data()
     }
 
@@ -309,7 +309,8 @@ impl Chain {
         if lines.is_empty() {
             return Ok(());
         }
-        self.write_lines(&lines, signed.as_ref())?;
+        let seals: Vec<&Signed> = signed.iter().collect();
+        self.write_lines(&lines, &seals)?;
         if signed.is_none() {
             self.unsealed += 1;
             self.unsealed_since.get_or_insert_with(Instant::now);
@@ -322,9 +323,21 @@ impl Chain {
         self.append(None, Some((why, signer)))
     }
 
-    /// Writes `lines` (chained in order after the head) in one write; the last one is `signed`
-    /// when given. A failure cuts the file back to its last whole line.
-    fn write_lines(&mut self, lines: &[&[u8]], signed: Option<&Signed>) -> std::io::Result<()> {
+    /// Carries a change of the signing key from `old` to `new` in one write: a checkpoint by
+    /// `old` sealing everything before, the `key_rotated` record both keys sign, and a
+    /// checkpoint by `new` sealing that record. On failure nothing changed.
+    pub(crate) fn rotate_key(&mut self, old: &Signer, new: &Signer) -> std::io::Result<()> {
+        let seq = self.seq;
+        let before = checkpoint::sign(old, &self.head, seq + 1, Seal::KeyRotated, None)?;
+        let rotated = checkpoint::key_rotated(old, new, &line_hash(&before.line), seq + 2)?;
+        let after = checkpoint::sign(new, &line_hash(&rotated), seq + 3, Seal::KeyRotated, None)?;
+        self.write_lines(&[&before.line, &rotated, &after.line], &[&before, &after])
+    }
+
+    /// Writes `lines` (chained in order after the head) in one write; `signed` are the
+    /// checkpoints among them, in order, and the last line is the last of them when any is
+    /// given. A failure cuts the file back to its last whole line.
+    fn write_lines(&mut self, lines: &[&[u8]], signed: &[&Signed]) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
         for l in lines {
             buf.extend_from_slice(l);
@@ -343,13 +356,15 @@ impl Chain {
             self.head = line_hash(last);
         }
         self.seq += lines.len() as u64;
-        match signed {
+        for s in signed {
+            s.witness(&self.path);
+        }
+        match signed.last() {
             Some(s) => {
                 self.unsealed = 0;
                 self.unsealed_since = None;
                 self.last_checkpoint = Some(s.head());
                 self.metrics.seq.set(s.seq as i64);
-                s.witness(&self.path);
             }
             None => self.last_checkpoint = None,
         }

@@ -7,8 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 
-use super::records::{Checkpoint, CheckpointRecord, Found, Seal};
-use super::{chained_line, checkpoint_message, hex, key_id, line_hash, now_rfc3339, parse_hex};
+use super::records::{Checkpoint, CheckpointRecord, Found, KeyRotated, KeyRotatedRecord, Seal};
+use super::{
+    chained_line, checkpoint_message, hex, key_id, key_rotation_message, line_hash, now_rfc3339,
+    parse_hex,
+};
 use crate::protocol::keys::{Signer, Verifier};
 
 /// Whether checkpoints are witnessed on stderr: always under `run`; `demo` turns it off, because
@@ -74,6 +77,33 @@ pub(crate) fn sign(
     })
 }
 
+/// The `key_rotated` line at `seq` after the head `prev`: `old` and `new` both sign the
+/// statement naming them at that place in the chain (RSA: the writer thread only).
+pub(crate) fn key_rotated(
+    old: &Signer,
+    new: &Signer,
+    prev: &[u8; 32],
+    seq: u64,
+) -> std::io::Result<Vec<u8>> {
+    let ts = now_rfc3339();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (old_spki, new_spki) = (old.public_spki_der(), new.public_spki_der());
+    let (old_id, new_id) = (key_id(&old_spki), key_id(&new_spki));
+    let message = key_rotation_message(&hex(prev), seq, &ts, &old_id, &new_id);
+    let record = KeyRotatedRecord {
+        ts: &ts,
+        key_rotated: KeyRotated {
+            old_key_id: &old_id,
+            old_public_key: &b64.encode(&old_spki),
+            new_key_id: &new_id,
+            new_public_key: &b64.encode(&new_spki),
+            old_signature: &b64.encode(old.sign(&message)),
+            new_signature: &b64.encode(new.sign(&message)),
+        },
+    };
+    chained_line(&serde_json::to_vec(&record)?, seq, prev)
+}
+
 // === impl Signed ===
 
 impl Signed {
@@ -128,8 +158,14 @@ pub(crate) fn verify_head(line: &[u8], signer: &Signer) -> Result<(Head, String)
         serde_json::from_slice(line).map_err(|e| format!("not a checkpoint line: {e}"))?;
     parse_hex(&parsed.prev).ok_or("its prev is not a SHA-256")?;
     let spki = signer.public_spki_der();
-    if parsed.checkpoint.key_id != key_id(&spki) {
-        return Err("not signed by the gateway's current key".into());
+    let current = key_id(&spki);
+    if parsed.checkpoint.key_id != current {
+        // Nothing proves that key was this gateway's: whoever can write the audit folder could
+        // have saved a head signed by a key of their own.
+        return Err(format!(
+            "signed by key sha256:{}, not by this gateway's key sha256:{current} (gateway_private_key changed while the gateway was stopped? a key rotated by a reload keeps the chain)",
+            parsed.checkpoint.key_id
+        ));
     }
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&parsed.checkpoint.signature)

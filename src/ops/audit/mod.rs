@@ -18,6 +18,10 @@
 //!   failed is status 30.
 //! - Every checkpoint is also one witness line on stderr ([`checkpoint`]) and the gauge
 //!   `tss_gateway_audit_seq`, outside the audit folder.
+//! - A reload that changes `gateway_private_key` leaves proof in the chain: a checkpoint by the
+//!   old key, a `key_rotated` record signed by both keys, a checkpoint by the new key (one
+//!   write). A record of an older generation still in flight never takes signing back to an
+//!   older key.
 //! - Records hold verdicts and errors, and with `audit_payloads` the verified CallbackRequest;
 //!   never a token or a key.
 //!
@@ -36,7 +40,6 @@ use std::sync::Arc;
 use aws_lc_rs::digest;
 
 pub(crate) use config::{config_record, warn_if_weaker};
-#[allow(unused_imports)] // `Shadow`: for the shadow fan-out.
 pub(crate) use records::{AuditRecord, Shadow};
 pub use writer::AuditLog;
 
@@ -53,6 +56,10 @@ pub(crate) const GENESIS: [u8; 32] = [0; 32];
 /// What a checkpoint's signature covers, besides the fields it names: a fixed context string, so
 /// the signature can never stand in for a token or anything else the gateway key signs.
 const CHECKPOINT_CONTEXT: &str = "tss-callback-gateway audit checkpoint v1";
+
+/// The context of a `key_rotated` statement: neither it nor a checkpoint signature can stand in
+/// for the other.
+const KEY_ROTATION_CONTEXT: &str = "tss-callback-gateway audit key rotation v1";
 
 /// The prometheus handles the writer moves (clones of [`crate::ops::metrics::Metrics`]' own).
 #[derive(Debug, Clone)]
@@ -129,6 +136,19 @@ pub(crate) fn line_hash(line: &[u8]) -> [u8; 32] {
 /// `ts` and `reason`.
 pub(crate) fn checkpoint_message(prev: &str, seq: u64, ts: &str, reason: &str) -> Vec<u8> {
     format!("{CHECKPOINT_CONTEXT}\nprev {prev}\nseq {seq}\nts {ts}\nreason {reason}\n").into_bytes()
+}
+
+/// The bytes both keys of a `key_rotated` record sign: its place in the chain (`prev`, `seq`,
+/// `ts`) and the two key ids.
+pub(crate) fn key_rotation_message(
+    prev: &str,
+    seq: u64,
+    ts: &str,
+    old_key_id: &str,
+    new_key_id: &str,
+) -> Vec<u8> {
+    format!("{KEY_ROTATION_CONTEXT}\nprev {prev}\nseq {seq}\nts {ts}\nold {old_key_id}\nnew {new_key_id}\n")
+        .into_bytes()
 }
 
 /// The key id of a public key: lowercase hex SHA-256 of its SPKI DER.

@@ -1,5 +1,5 @@
 //! What the chain holds, as data: decision records, checkpoints and the other kinds of line
-//! (`config`, `refused`, `shadow`). Each serializes to one JSON object; the writer adds `seq` and
+//! (`config`, `refused`, `shadow`, `key_rotated`). Each serializes to one JSON object; the writer adds `seq` and
 //! `prev`.
 
 use serde::Serialize;
@@ -49,6 +49,9 @@ pub(crate) enum Seal {
     Start,
     /// The file at the path was not the gateway's own chain: it was set aside (`found`).
     Discontinuity,
+    /// A reload changed `gateway_private_key`: the old key seals the chain up to a
+    /// `key_rotated` record, and the new key seals that record.
+    KeyRotated,
 }
 
 /// What a `discontinuity` checkpoint found at the path and set aside.
@@ -143,6 +146,28 @@ pub(crate) struct ShadowRecord<'a> {
     pub(crate) shadow: Shadow<'a>,
 }
 
+/// The `key_rotated` object: the old and the new gateway key each sign the same statement
+/// ([`super::key_rotation_message`]), bound to the record's place in the chain, so the new
+/// key names the old one as its predecessor there and the old key hands over to the new one.
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyRotated<'a> {
+    /// Lowercase hex SHA-256 of the old key's SPKI DER.
+    pub(crate) old_key_id: &'a str,
+    /// Standard base64 of the old key's SPKI DER.
+    pub(crate) old_public_key: &'a str,
+    pub(crate) new_key_id: &'a str,
+    pub(crate) new_public_key: &'a str,
+    /// Standard base64 RS256 signatures of the statement by the old and by the new key.
+    pub(crate) old_signature: &'a str,
+    pub(crate) new_signature: &'a str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct KeyRotatedRecord<'a> {
+    pub(crate) ts: &'a str,
+    pub(crate) key_rotated: KeyRotated<'a>,
+}
+
 // === impl Seal ===
 
 impl Seal {
@@ -156,6 +181,7 @@ impl Seal {
             Seal::Reconfigured => "reconfigured",
             Seal::Start => "start",
             Seal::Discontinuity => "discontinuity",
+            Seal::KeyRotated => "key_rotated",
         }
     }
 }

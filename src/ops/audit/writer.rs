@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::chain::{load_head, Chain};
 use super::records::{AuditRecord, Refused, RefusedRecord, Seal, Shadow, ShadowRecord};
-use super::{now_rfc3339, AuditMetrics, Pending, SealPolicy, Ticket};
+use super::{key_id, now_rfc3339, AuditMetrics, Pending, SealPolicy, Ticket};
 use crate::generation::Generation;
 use crate::protocol::keys::Signer;
 
@@ -93,8 +93,16 @@ struct Writer {
     chain: Chain,
     pending: Arc<Pending>,
     metrics: AuditMetrics,
-    /// The latest generation a job carried: its key signs, its config times the checkpoints.
+    /// The newest generation a job carried: its key signs, its config times the checkpoints.
     g: Option<Arc<Generation>>,
+    /// Key id of `g`'s signing key.
+    key: String,
+    /// A reload changed the signing key and the chain does not carry it yet: the generation
+    /// whose key signed before (see [`super::chain::Chain::rotate_key`]).
+    rekey_from: Option<Arc<Generation>>,
+    /// Shutdown sealed the file and saved its head, which must stay its last line: a record
+    /// that still arrives (a late shadow verdict, as the process exits) is not written.
+    closed: bool,
     last_idle: Option<Instant>,
     last_retry: Instant,
     last_summary: Instant,
@@ -141,6 +149,9 @@ impl AuditLog {
             pending,
             metrics: metrics.clone(),
             g: None,
+            key: String::new(),
+            rekey_from: None,
+            closed: false,
             last_idle: None,
             last_retry: now,
             last_summary: now,
@@ -226,7 +237,6 @@ impl AuditLog {
     }
 
     /// Appends a `shadow` record: a shadow server's verdict that arrived after the answer.
-    #[allow(dead_code)] // Called by the shadow fan-out once it records late verdicts.
     pub(crate) fn shadow(&self, g: &Arc<Generation>, shadow: Shadow<'_>) {
         let record = ShadowRecord {
             ts: now_rfc3339(),
@@ -370,14 +380,21 @@ impl Writer {
                     // Its request stopped waiting and answered status 30: no record says otherwise.
                     return;
                 }
-                self.g = Some(g);
+                if self.closed {
+                    tracing::warn!(path = %self.chain.path().display(), "an audit record arrived after the log was closed at shutdown: not written (a late shadow verdict has its own `shadow verdict` log line)");
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err("the audit log is closed".into()));
+                    }
+                    return;
+                }
+                self.adopt(g);
                 let result = self.write_record(&body);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
             Job::Start { g, config } => {
-                self.g = Some(g.clone());
+                self.adopt(g.clone());
                 let result = match self
                     .chain
                     .append(Some(&config), Some((Seal::Start, &g.signer)))
@@ -396,7 +413,7 @@ impl Writer {
                 }
             }
             Job::Retire { g } => {
-                self.g = Some(g);
+                self.adopt(g);
                 self.chain.retired = true;
                 // Sealed and saved as the head, so the file is continued if a later reload
                 // points `audit_log` back here.
@@ -411,14 +428,63 @@ impl Writer {
                 }
             }
             Job::Reopen { g } => {
-                if let Err(e) = self.chain.follow(&g.signer) {
-                    let _ = self.failed(&e, "cannot reopen the audit log");
+                self.adopt(g);
+                if let Some(g) = self.g.clone() {
+                    if let Err(e) = self.chain.follow(&g.signer) {
+                        let _ = self.failed(&e, "cannot reopen the audit log");
+                    }
                 }
-                self.g = Some(g);
             }
             Job::Close { reply } => {
-                let _ = reply.send(self.close());
+                let result = self.close();
+                self.closed = true;
+                let _ = reply.send(result);
             }
+        }
+    }
+
+    /// Takes `g` as the writer's generation if it is at least as new as the one it has: a
+    /// record of an older generation still in flight never takes signing back to an older
+    /// key. A newer generation that signs with another key makes the rotation due.
+    fn adopt(&mut self, g: Arc<Generation>) {
+        if let Some(cur) = &self.g {
+            if Arc::ptr_eq(cur, &g) || g.number < cur.number {
+                return;
+            }
+        }
+        let key = key_id(&g.signer.public_spki_der());
+        if let Some(cur) = self.g.take() {
+            if key != self.key && self.rekey_from.is_none() {
+                // The chain's checkpoints so far are signed by `cur`'s key: it seals them.
+                self.rekey_from = Some(cur);
+            }
+        }
+        self.key = key;
+        self.g = Some(g);
+    }
+
+    /// Writes the proof of a key rotation if one is due (before anything the new key signs).
+    fn rekey(&mut self, g: &Generation) -> Result<(), String> {
+        let Some(old) = self.rekey_from.clone() else {
+            return Ok(());
+        };
+        if key_id(&old.signer.public_spki_der()) == self.key {
+            // Changed and changed back before anything was written: nothing rotated.
+            self.rekey_from = None;
+            return Ok(());
+        }
+        match self.chain.rotate_key(&old.signer, &g.signer) {
+            Ok(()) => {
+                self.rekey_from = None;
+                tracing::info!(
+                    path = %self.chain.path().display(),
+                    old_key = %format!("sha256:{}", key_id(&old.signer.public_spki_der())),
+                    new_key = %format!("sha256:{}", self.key),
+                    "gateway key rotated: the audit chain carries a key_rotated record signed by both keys"
+                );
+                Ok(())
+            }
+            Err(e) => Err(self.failed(&e, "cannot write the key_rotated record")),
         }
     }
 
@@ -430,6 +496,7 @@ impl Writer {
         if let Err(e) = self.chain.follow(&g.signer) {
             return Err(self.failed(&e, "cannot open the audit log"));
         }
+        self.rekey(&g)?;
         let p = policy(&g);
         let after = self.chain.unsealed + 1;
         let why = if self.chain.retired {
@@ -489,6 +556,7 @@ impl Writer {
         if let Err(e) = self.chain.follow(&g.signer) {
             return Err(self.failed(&e, "cannot open the audit log"));
         }
+        self.rekey(&g)?;
         match self.chain.seal(&g.signer, why) {
             Ok(()) => {
                 self.wrote(Some(why));

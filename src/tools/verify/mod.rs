@@ -4,7 +4,9 @@
 //!
 //! What an intact result proves: every line is the one the gateway wrote, in its order, none
 //! added, removed or changed, up to the last checkpoint; and that checkpoint (and each before it)
-//! was signed by the key it names, or with `--key`/`-c`, by one of the gateway keys given. What
+//! was signed by the key it names, or with `--key`/`-c`, by one of the gateway keys given or by
+//! a key that a `key_rotated` record signed by a trusted key names as its predecessor (trusted
+//! only for the checkpoints before that record; several rotations chain). What
 //! it cannot prove without a witness: that the files were not cut at an earlier checkpoint (what
 //! is left is a valid chain). What it cannot prove at all: anything against whoever holds the
 //! gateway private key (they can rewrite and re-sign the whole chain); records after the last
@@ -16,6 +18,7 @@ mod record;
 mod report;
 mod witness;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,7 +26,7 @@ use std::time::Instant;
 
 use crate::ops::audit::{hex, line_hash, parse_hex, GENESIS};
 use crate::protocol::keys::Verifier;
-use record::{check_checkpoint, CheckpointError, Line};
+use record::{check_checkpoint, check_rotation, CheckpointError, Line, Rotation};
 pub use report::{Failure, Summary, Witnessed};
 use witness::Witnesses;
 
@@ -54,31 +57,83 @@ struct Chain {
     sealed: bool,
     /// The file verified before the current one.
     last_file: Option<PathBuf>,
+    /// Key id of the last line, if it was a checkpoint.
+    last_key: Option<String>,
+    /// Checkpoints validly signed by a key that is not pinned, in order: trusted in the end
+    /// only if a `key_rotated` record vouches for them.
+    unpinned: Vec<Unpinned>,
+    /// The `key_rotated` records, in order.
+    rotations: Vec<Rotation>,
+}
+
+/// A checkpoint signed by a key not pinned, and where it is (small: one per such checkpoint).
+struct Unpinned {
+    /// Index in `summary.keys`.
+    key: usize,
+    seq: u64,
+    /// Index in the files given.
+    file: usize,
+    line: u64,
 }
 
 // === impl Chain ===
 
 impl Chain {
-    /// Takes in a line that chains correctly: a checkpoint is checked and counted, a record
-    /// counted.
+    /// Takes in a line that chains correctly: a checkpoint is checked and counted, a
+    /// `key_rotated` record checked, a record counted. `Err`: why the line is bad.
     fn accept(
         &mut self,
         parsed: &Line<'_>,
         (seq, prev): (u64, &str),
         hash: [u8; 32],
-        unsealed_here: &mut u64,
+        (lineno, unsealed_here): (u64, &mut u64),
         opts: &Options,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<(), String> {
+        let ts = parsed.ts.as_deref().unwrap_or("");
         if let Some(cp) = &parsed.checkpoint {
-            let ts = parsed.ts.as_deref().unwrap_or("");
-            check_checkpoint(cp, prev, seq, ts, &opts.pinned)?;
+            let pinned = match check_checkpoint(cp, prev, seq, ts, &opts.pinned) {
+                Ok(()) => true,
+                Err(CheckpointError::Bad(why)) => return Err(format!("bad checkpoint: {why}")),
+                Err(CheckpointError::NotPinned) => false,
+            };
             self.summary.checkpoints += 1;
-            if !self.summary.keys.iter().any(|k| k == cp.key_id.as_ref()) {
-                self.summary.keys.push(cp.key_id.clone().into_owned());
+            let key = match self
+                .summary
+                .keys
+                .iter()
+                .position(|k| k == cp.key_id.as_ref())
+            {
+                Some(i) => i,
+                None => {
+                    self.summary.keys.push(cp.key_id.clone().into_owned());
+                    self.summary.keys.len() - 1
+                }
+            };
+            if !pinned {
+                self.unpinned.push(Unpinned {
+                    key,
+                    seq,
+                    file: self.summary.files,
+                    line: lineno,
+                });
             }
             self.sealed = true;
+            self.last_key = Some(cp.key_id.clone().into_owned());
             *unsealed_here = 0;
         } else {
+            if let Some(kr) = &parsed.key_rotated {
+                // The gateway seals everything before a rotation with the old key, in the
+                // same write: the old key's part of the chain ends right here.
+                if !self.fresh && self.last_key.as_deref() != Some(kr.old_key_id.as_ref()) {
+                    return Err(
+                        "bad key_rotated: it does not follow a checkpoint by its old key".into(),
+                    );
+                }
+                let rotation = check_rotation(kr, prev, seq, ts, &opts.pinned)
+                    .map_err(|why| format!("bad key_rotated: {why}"))?;
+                self.rotations.push(rotation);
+            }
+            self.last_key = None;
             self.summary.records += 1;
             self.summary.decisions += u64::from(parsed.is_decision());
             self.sealed = false;
@@ -120,6 +175,9 @@ pub fn verify(
         },
         sealed: true,
         last_file: None,
+        last_key: None,
+        unpinned: Vec::new(),
+        rotations: Vec::new(),
     };
     for (i, path) in files.iter().enumerate() {
         let next = files.get(i + 1).map(PathBuf::as_path);
@@ -127,6 +185,7 @@ pub fn verify(
         chain.summary.files += 1;
         chain.last_file = Some(path.clone());
     }
+    trust(&mut chain, files)?;
     if let Some(w) = witnesses {
         chain.summary.witnessed = Some(w.finish((!chain.fresh).then_some(chain.seq))?);
     }
@@ -223,15 +282,14 @@ fn verify_file(
             ));
         }
         chain
-            .accept(parsed, (seq, prev), hash, &mut unsealed_here, opts)
-            .map_err(|e| match e {
-                CheckpointError::Bad(why) => broken(lineno, format!("bad checkpoint: {why}")),
-                CheckpointError::NotPinned(key_id) => Failure::NotPinned {
-                    file: path.to_owned(),
-                    line: lineno,
-                    key_id,
-                },
-            })?;
+            .accept(
+                parsed,
+                (seq, prev),
+                hash,
+                (lineno, &mut unsealed_here),
+                opts,
+            )
+            .map_err(|why| broken(lineno, why))?;
         if let Some(cp) = parsed.discontinuity() {
             chain.summary.discontinuities += 1;
             let found = cp.found.as_ref();
@@ -268,6 +326,47 @@ fn verify_file(
             ));
         }
     }
+    Ok(())
+}
+
+/// Settles the checkpoints signed by keys not pinned: each must be vouched for by a
+/// `key_rotated` record, signed by a trusted key, naming its key as the predecessor, and come
+/// before that record. Keys vouched for are trusted in turn (several rotations), never past
+/// their own rotation. The first checkpoint left over is reported as not pinned.
+fn trust(chain: &mut Chain, files: &[PathBuf]) -> Result<(), Failure> {
+    // Key id -> the seq below which its checkpoints are trusted. Latest rotations first: a key
+    // is trusted at a rotation only if a later one (or a pin) vouches for it there.
+    let mut until: HashMap<&str, u64> = HashMap::new();
+    let mut rotations: Vec<&Rotation> = chain.rotations.iter().collect();
+    rotations.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    for r in rotations {
+        let new_trusted =
+            r.new_pinned || until.get(r.new_key_id.as_str()).is_some_and(|&u| r.seq < u);
+        if new_trusted {
+            let t = until.entry(r.old_key_id.as_str()).or_default();
+            *t = (*t).max(r.seq);
+        }
+    }
+    let keys = &chain.summary.keys;
+    if let Some(u) = chain
+        .unpinned
+        .iter()
+        .find(|u| until.get(keys[u.key].as_str()).is_none_or(|&t| u.seq >= t))
+    {
+        return Err(Failure::NotPinned {
+            file: files[u.file].clone(),
+            line: u.line,
+            key_id: keys[u.key].clone(),
+        });
+    }
+    let mut vouched: Vec<(String, u64)> = until
+        .iter()
+        .filter(|(k, _)| chain.unpinned.iter().any(|u| keys[u.key] == **k))
+        .map(|(k, t)| ((*k).to_owned(), *t))
+        .collect();
+    vouched.sort_by_key(|(_, t)| *t);
+    chain.summary.predecessors = vouched;
+    chain.summary.rotations = chain.rotations.len() as u64;
     Ok(())
 }
 

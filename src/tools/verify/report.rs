@@ -17,8 +17,13 @@ pub struct Summary {
     pub(crate) last_ts: Option<String>,
     /// Key ids of the keys that signed the checkpoints, in order of first use.
     pub keys: Vec<String>,
-    /// Every checkpoint was signed by a key given with `--key`/`-c`.
+    /// Every checkpoint was signed by a key given with `--key`/`-c`, or by a predecessor of one.
     pub pinned: bool,
+    /// Keys not pinned whose checkpoints a `key_rotated` record vouches for, each with the seq
+    /// of that record (its checkpoints are all before it).
+    pub predecessors: Vec<(String, u64)>,
+    /// `key_rotated` records in the files (each checked).
+    pub rotations: u64,
     /// Records after the last checkpoint (only with `live`).
     pub unsealed: u64,
     /// Files that begin with a `discontinuity` checkpoint (each was warned about).
@@ -167,14 +172,17 @@ impl fmt::Display for Failure {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let keys = if self.keys.is_empty() {
+        let short = |k: &str| format!("sha256:{}", &k[..16.min(k.len())]);
+        let own: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|k| !self.predecessors.iter().any(|(p, _)| p == *k))
+            .map(|k| short(k))
+            .collect();
+        let keys = if own.is_empty() {
             "none".to_owned()
         } else {
-            self.keys
-                .iter()
-                .map(|k| format!("sha256:{}", &k[..16.min(k.len())]))
-                .collect::<Vec<_>>()
-                .join(",")
+            own.join(",")
         };
         write!(
             f,
@@ -188,11 +196,27 @@ impl fmt::Display for Summary {
             self.checkpoints,
             if self.checkpoints == 1 { "" } else { "s" },
             if self.pinned {
-                format!("signed by pinned key {keys}")
+                let mut by = format!("signed by pinned key {keys}");
+                for (key, seq) in &self.predecessors {
+                    by.push_str(&format!(
+                        ", and before seq {seq} by its predecessor {} (as the key_rotated record there, signed by both keys, says)",
+                        short(key)
+                    ));
+                }
+                by
             } else {
                 format!("signed by the key each carries, {keys}, not pinned: pin it with --key or -c")
             },
         )?;
+        if self.rotations > 0 && self.predecessors.is_empty() {
+            write!(
+                f,
+                "; {} key rotation{} (key_rotated record{} checked)",
+                self.rotations,
+                if self.rotations == 1 { "" } else { "s" },
+                if self.rotations == 1 { "" } else { "s" }
+            )?;
+        }
         if self.unsealed > 0 {
             write!(
                 f,
