@@ -418,6 +418,14 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
     };
     // The next retry of a config that did not load, and the wait before it.
     let mut retry: Option<(Instant, Duration)> = None;
+    // A change written while the gateway was starting (after the config was read, before the
+    // files were watched) raised no event: compare the disk once, and load it if it differs.
+    {
+        let running = shared.current.load();
+        if differs(&running.sources, &Sources::on_disk(running.sources.paths())) {
+            retry = Some((Instant::now(), FIRST_RETRY));
+        }
+    }
     loop {
         let wake = tokio::select! {
             () = hangup(&mut hup) => Wake::Hangup,
