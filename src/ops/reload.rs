@@ -39,6 +39,8 @@ const MAX_LINKS: usize = 40;
 pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("state_store: {0}")]
+    Store(String),
     #[error("audit log {path}: {source}")]
     Audit {
         path: PathBuf,
@@ -152,6 +154,18 @@ fn changes(old: &Generation, next: &Generation) -> Reloaded {
 fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     let old = shared.current.load_full();
     let next = Generation::reload(path, &old)?;
+    let (running, configured) = (old.config.state_store(), next.config.state_store());
+    if running != configured {
+        let show = |s: &Option<crate::config::StoreLocation>| {
+            s.as_ref()
+                .map_or_else(|| "none".to_owned(), crate::state::describe)
+        };
+        return Err(ReloadError::Store(format!(
+            "changed from {} to {}: restart the gateway to change the state store (the running config is kept until then)",
+            show(&running),
+            show(&configured)
+        )));
+    }
     let audit = match &next.config.audit_log {
         Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
         Some(p) => Some(
@@ -247,6 +261,7 @@ pub fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
         files.insert(c.tss_node_public_key);
         files.insert(c.gateway_private_key);
         files.extend(c.downstream_signing_key);
+        files.extend(c.tss_node_event_public_key);
         if let Some(t) = c.tls {
             files.extend([t.cert, t.key]);
         }
@@ -479,6 +494,14 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
     };
     // The next retry of a config that did not load, and the wait before it.
     let mut retry: Option<(Instant, Duration)> = None;
+    // A change written while the gateway was starting (after the config was read, before the
+    // files were watched) raised no event: compare the disk once, and load it if it differs.
+    {
+        let running = shared.current.load();
+        if differs(&running.sources, &Sources::on_disk(running.sources.paths())) {
+            retry = Some((Instant::now(), FIRST_RETRY));
+        }
+    }
     loop {
         let wake = tokio::select! {
             () = hangup(&mut hup) => Wake::Hangup,

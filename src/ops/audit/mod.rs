@@ -40,6 +40,9 @@ use std::sync::Arc;
 use aws_lc_rs::digest;
 
 pub(crate) use config::{config_record, warn_if_weaker};
+pub(crate) use records::{
+    Alarm, AlarmRecord, EventDropped, EventDroppedRecord, EventRecord, EventSeen,
+};
 pub(crate) use records::{AuditRecord, Shadow};
 pub use writer::AuditLog;
 
