@@ -54,6 +54,8 @@ def test_every_event_reaches_a_python_and_a_go_event_server_byte_for_byte(world)
             if doc["event_type"] != "ping":
                 assert r["model"] == MODELS[doc["event_type"].split(".")[1]]
                 assert r["request_id"] == doc["data"]["request_id"]
+                # The SDKs' request_type here is the string enum (KeySign), not the callback's integer.
+                assert r["request_type"] == doc["data"]["request_type"] == r["data_type"]
     m = gw.metrics()
     assert metric(m, "tss_gateway_events_total", outcome="accepted") == len(sent)
     for server in (py, go):

@@ -57,10 +57,12 @@ def test_an_approval_on_one_replica_covers_an_execution_reported_to_the_other(ha
     # Never approved by anyone: the alarm, on whichever replica the event reaches.
     never_b, payload = event("request.keysign.succeeded", "req-never-approved-b")
     assert ha.send(ha.b, payload).status_code == 200
-    until(30, "replica B raises the alarm", lambda: any(a["request_id"] == "req-never-approved-b" for a in alarms(ha.b)))
+    until(30, "replica B raises the alarm",
+          lambda: any(a["request_id"] == "req-never-approved-b" for a in alarms(ha.b)))
     never_a, payload = event("request.keygen.succeeded", "req-never-approved-a")
     assert ha.send(ha.a, payload).status_code == 200
-    until(30, "replica A raises the alarm", lambda: any(a["request_id"] == "req-never-approved-a" for a in alarms(ha.a)))
+    until(30, "replica A raises the alarm",
+          lambda: any(a["request_id"] == "req-never-approved-a" for a in alarms(ha.a)))
     [b_alarm] = [a for a in alarms(ha.b) if a["request_id"] == "req-never-approved-b"]
     assert b_alarm["kind"] == "unapproved_execution" and b_alarm["event_id"] == never_b
     [a_alarm] = [a for a in alarms(ha.a) if a["request_id"] == "req-never-approved-a"]
@@ -95,6 +97,10 @@ def test_each_event_is_delivered_once_while_both_replicas_run(ha):
     counts = collections.Counter(ha.events.event_ids())
     assert {e: n for e, n in counts.items() if n != 1} == {}
     assert set(counts) == set(sent)
+    # The gateways agree: between them, one delivery per event.
+    delivered = sum(metric(gw.metrics(), "tss_gateway_event_deliveries_total", outcome="delivered")
+                    for gw in (ha.a, ha.b))
+    assert delivered == len(sent)
 
 
 def test_with_postgres_down_nothing_is_approved_and_both_recover(ha):

@@ -57,6 +57,7 @@ def parse_event(package: bytes):
             "model": model,
             "data_type": data.data_type.value if data.data_type is not None else None,
             "request_id": data.request_id,
+            "request_type": data.request_type.value if data.request_type is not None else None,
             "request_status": int(data.request_status.value) if data.request_status is not None else None,
         })
         if data.extra_info:

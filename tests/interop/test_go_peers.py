@@ -41,6 +41,7 @@ def test_an_event_server_accepts_a_signed_tssevent_and_refuses_bad_input(tmp_pat
     assert rec["request_id"] == "direct-1"
     assert rec["model"] == "TSSKeySignEventData"
     assert rec["request_status"] == 190
+    assert rec["request_type"] == "KeySign"
     assert rec["sha256"] == hashlib.sha256(good).hexdigest()
 
     expired = jwt.encode({"package_data": base64.b64encode(good).decode(), "exp": int(time.time()) - 120},

@@ -89,6 +89,7 @@ func handle(r *http.Request, pub *rsa.PublicKey) (map[string]interface{}, error)
 type eventData interface {
 	GetDataType() cobo_waas2.TSSEventDataType
 	GetRequestId() string
+	GetRequestType() cobo_waas2.TSSRequestTypeEenum
 	GetRequestStatus() cobo_waas2.TSSStatus
 	GetExtraInfo() string
 }
@@ -113,6 +114,7 @@ func describe(instance interface{}, entry map[string]interface{}) (string, error
 	data := instance.(eventData)
 	entry["data_type"] = string(data.GetDataType())
 	entry["request_id"] = data.GetRequestId()
+	entry["request_type"] = string(data.GetRequestType())
 	entry["request_status"] = int32(data.GetRequestStatus())
 	if raw := data.GetExtraInfo(); raw != "" {
 		if err := json.Unmarshal([]byte(raw), extra); err != nil {
