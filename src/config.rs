@@ -128,6 +128,9 @@ pub struct Config {
     /// accept, before TLS or HTTP. Absent: any peer. As written; see [`Config::allowed_nets`].
     #[serde(default)]
     pub allowed_clients: Option<Vec<String>>,
+    /// The config's folder, against which a relative `state_store` resolves.
+    #[serde(skip)]
+    store_base: PathBuf,
     /// `allowed_clients` parsed, filled in by [`Config::parse`].
     #[serde(skip)]
     pub(crate) allowed_nets: Option<Vec<ipnet::IpNet>>,
@@ -135,6 +138,47 @@ pub struct Config {
     /// [`Config::max_connections`]: 4 x `max_in_flight`, at least 1024.
     #[serde(default, rename = "max_connections")]
     max_connections_written: Option<usize>,
+    /// The node's event key (public): when set, `POST /v2/event` accepts events it signed.
+    #[serde(default)]
+    pub tss_node_event_public_key: Option<PathBuf>,
+    /// Each gets every verified event (or those of its `event_types`), re-signed with the
+    /// downstream signing key, at least once.
+    #[serde(default)]
+    pub event_servers: Vec<EventServerConfig>,
+    /// As written: a SQLite file (relative to the config's folder) or a `postgres://` URL.
+    /// See [`Config::state_store`] for when it is used.
+    #[serde(default, rename = "state_store")]
+    state_store_written: Option<String>,
+    /// An undelivered event is retried this long, then dropped (audited).
+    #[serde(default = "default_event_retry_hours")]
+    pub event_retry_hours: u64,
+    /// How long the approvals index keeps an approval for reconciliation.
+    #[serde(default = "default_approval_retention_days")]
+    pub approval_retention_days: u64,
+}
+
+/// One event server: it gets the node's events, re-signed by the gateway.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventServerConfig {
+    pub name: String,
+    pub service_address: String,
+    #[serde(default = "default_event_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Only these event types (`request.keysign.succeeded`, `ping`); absent: every type,
+    /// including ones this gateway does not know.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// Where the state store (event outbox, approvals index, alarms) lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file, this replica's own.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database shared by every replica (the URL may hold a password: print it
+    /// only through [`redact_address`]).
+    Postgres(String),
 }
 
 /// One downstream callback server.
@@ -249,6 +293,17 @@ fn default_reload_settle_ms() -> u64 {
 fn default_read_timeout_ms() -> u64 {
     2000
 }
+fn default_event_retry_hours() -> u64 {
+    24
+}
+fn default_approval_retention_days() -> u64 {
+    30
+}
+fn default_event_timeout_ms() -> u64 {
+    5000
+}
+/// `state_store` when the file does not say, relative to the config's folder.
+pub const DEFAULT_STATE_STORE: &str = "state/gateway.db";
 /// `timeout_ms` when the file does not say, unless `deadline_ms` is shorter.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 fn default_retries() -> u32 {
@@ -393,6 +448,31 @@ impl Config {
             resolve(&mut t.cert);
             resolve(&mut t.key);
         }
+        if let Some(p) = self.tss_node_event_public_key.as_mut() {
+            resolve(p);
+        }
+        self.store_base = base.to_owned();
+    }
+
+    /// The state store, when one is used: `state_store` as written, or the default
+    /// `state/gateway.db` beside the config when `tss_node_event_public_key` is set. Without
+    /// either there is no store (no events, no approvals index).
+    pub fn state_store(&self) -> Option<StoreLocation> {
+        let written = self.state_store_written.as_deref();
+        if written.is_none() && self.tss_node_event_public_key.is_none() {
+            return None;
+        }
+        let text = written.unwrap_or(DEFAULT_STATE_STORE);
+        if is_postgres_url(text) {
+            return Some(StoreLocation::Postgres(text.to_owned()));
+        }
+        let text = text.strip_prefix("sqlite://").unwrap_or(text);
+        let path = Path::new(text);
+        Some(StoreLocation::Sqlite(if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.store_base.join(path)
+        }))
     }
 
     /// Every value within its bounds; the first refusal names its field.
@@ -415,6 +495,7 @@ impl Config {
             }
             s.check(&at, self.deadline_ms)?;
         }
+        self.check_events()?;
         let enforcing = self
             .callback_servers
             .iter()
@@ -424,6 +505,80 @@ impl Config {
                 "callback_servers".into(),
                 "nothing would be checked: embedded_risk_control_rules are off and no server has mode enforce"
                     .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The event fields: event servers, the store, retry and retention.
+    fn check_events(&self) -> Result<(), FieldError> {
+        let mut names = BTreeSet::new();
+        for (i, s) in self.event_servers.iter().enumerate() {
+            let at = |f: &str| format!("event_servers[{i}].{f}");
+            check_name(&s.name, &at)?;
+            if !names.insert(s.name.as_str()) {
+                return Err((
+                    at("name"),
+                    format!("duplicate event server name {:?}", s.name),
+                ));
+            }
+            check_http_url(&s.service_address, &at("service_address"))?;
+            if s.timeout_ms == 0 || s.timeout_ms > 600_000 {
+                return Err((at("timeout_ms"), "must be between 1 and 600000".into()));
+            }
+            if let Some(types) = &s.event_types {
+                if types.is_empty() {
+                    return Err((
+                        at("event_types"),
+                        "must list at least one type (omit it for all)".into(),
+                    ));
+                }
+                for (j, t) in types.iter().enumerate() {
+                    if !crate::protocol::event::is_event_type_shaped(t) {
+                        return Err((
+                            format!("event_servers[{i}].event_types[{j}]"),
+                            format!("{t:?} is not an event type (ping or request.<kind>.<stage>, like request.keysign.succeeded)"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(text) = self.state_store_written.as_deref() {
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(("state_store".into(), "must not be empty".into()));
+            }
+            if text.contains("://") && !is_postgres_url(text) && !text.starts_with("sqlite://") {
+                return Err((
+                    "state_store".into(),
+                    format!(
+                        "{:?}: a SQLite file path or a postgres:// URL",
+                        redact_address(text)
+                    ),
+                ));
+            }
+            if is_postgres_url(text) {
+                reqwest::Url::parse(text)
+                    .ok()
+                    .filter(|u| u.host().is_some())
+                    .ok_or_else(|| {
+                        (
+                            "state_store".to_owned(),
+                            format!("{:?}: not a valid postgres URL", redact_address(text)),
+                        )
+                    })?;
+            }
+        }
+        if self.event_retry_hours == 0 || self.event_retry_hours > 24 * 30 {
+            return Err((
+                "event_retry_hours".into(),
+                "must be between 1 and 720".into(),
+            ));
+        }
+        if self.approval_retention_days == 0 || self.approval_retention_days > 3650 {
+            return Err((
+                "approval_retention_days".into(),
+                "must be between 1 and 3650".into(),
             ));
         }
         Ok(())
@@ -514,6 +669,36 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
     }
 }
 
+/// Whether `state_store` names a PostgreSQL database.
+fn is_postgres_url(text: &str) -> bool {
+    text.starts_with("postgres://") || text.starts_with("postgresql://")
+}
+
+/// A server name: 1-64 characters of `[a-z0-9_-]`; `at` names a field of its server.
+fn check_name(name: &str, at: &dyn Fn(&str) -> String) -> Result<(), FieldError> {
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(allowed) {
+        return Err((
+            at("name"),
+            format!("{name:?} must be 1-64 characters of [a-z0-9_-]"),
+        ));
+    }
+    Ok(())
+}
+
+/// An `http` or `https` URL with a host; the refusal never shows its credentials.
+fn check_http_url(address: &str, field: &str) -> Result<(), FieldError> {
+    let redacted = redact_address(address);
+    match reqwest::Url::parse(address) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err((
+            field.to_owned(),
+            format!("{redacted:?}: scheme must be http or https"),
+        )),
+        Err(e) => Err((field.to_owned(), format!("{redacted:?}: {e}"))),
+    }
+}
+
 /// `address` with any `user:pass@` credentials replaced by `***@`, for every output.
 pub(crate) fn redact_address(address: &str) -> String {
     let Some((scheme, rest)) = address.split_once("://") else {
@@ -530,15 +715,7 @@ pub(crate) fn redact_address(address: &str) -> String {
 
 impl ServerConfig {
     fn check_name(&self, at: &dyn Fn(&str) -> String) -> Result<(), FieldError> {
-        let allowed =
-            |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
-        if self.name.is_empty() || self.name.len() > 64 || !self.name.bytes().all(allowed) {
-            return Err((
-                at("name"),
-                format!("{:?} must be 1-64 characters of [a-z0-9_-]", self.name),
-            ));
-        }
-        Ok(())
+        check_name(&self.name, at)
     }
 
     /// Everything but the name; `at` names a field of this server.
@@ -711,13 +888,93 @@ gateway_private_key: /abs/gw.pem
                 format!("{}allowed_clients: [\"::1\", somewhere]\n", with_server("")),
                 "allowed_clients[1]",
             ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: http://h/e }}\n  - {{ name: siem, service_address: http://h/f }}\n", with_server("")),
+                "duplicate event server name",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: Siem, service_address: http://h/e }}\n", with_server("")),
+                "event_servers[0].name",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: \"ftp://u:s3cret@h/e\" }}\n", with_server("")),
+                "event_servers[0].service_address",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: http://h/e, timeout_ms: 0 }}\n", with_server("")),
+                "event_servers[0].timeout_ms",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: http://h/e, event_types: [] }}\n", with_server("")),
+                "event_servers[0].event_types",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: http://h/e, event_types: [ping, keysign] }}\n", with_server("")),
+                "event_servers[0].event_types[1]",
+            ),
+            (
+                format!("{}event_servers:\n  - {{ name: siem, service_address: http://h/e, colour: red }}\n", with_server("")),
+                "colour",
+            ),
+            (
+                format!("{}state_store: \"mysql://u:s3cret@db/x\"\n", with_server("")),
+                "state_store",
+            ),
+            (format!("{}state_store: \"\"\n", with_server("")), "state_store"),
+            (
+                format!("{}event_retry_hours: 0\n", with_server("")),
+                "event_retry_hours",
+            ),
+            (
+                format!("{}approval_retention_days: 0\n", with_server("")),
+                "approval_retention_days",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = parse(yaml).expect_err(needle);
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
             assert!(!err.contains('\n'), "multi-line error {err:?}");
             assert!(err.starts_with("config /etc/gw/config.yaml"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_state_store_is_used_with_events_or_when_written() {
+        let c = parse(&with_server("")).unwrap();
+        assert_eq!(c.state_store(), None);
+        assert_eq!((c.event_retry_hours, c.approval_retention_days), (24, 30));
+        let c = parse(&format!(
+            "{}tss_node_event_public_key: keys/ev.pub\n",
+            with_server("")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.state_store(),
+            Some(StoreLocation::Sqlite("/etc/gw/state/gateway.db".into()))
+        );
+        assert_eq!(
+            c.tss_node_event_public_key,
+            Some(PathBuf::from("/etc/gw/keys/ev.pub"))
+        );
+        let c = parse(&format!(
+            "{}state_store: /var/lib/gw/s.db\n",
+            with_server("")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.state_store(),
+            Some(StoreLocation::Sqlite("/var/lib/gw/s.db".into()))
+        );
+        let url = "postgres://gw:pw@db.internal:5432/gateway";
+        let c = parse(&format!("{}state_store: \"{url}\"\n", with_server(""))).unwrap();
+        assert_eq!(c.state_store(), Some(StoreLocation::Postgres(url.into())));
+        let c = parse(&format!(
+            "{}event_servers:\n  - {{ name: siem, service_address: http://h/e, event_types: [request.keysign.succeeded, request.wallet.created] }}\n",
+            with_server("")
+        ))
+        .unwrap();
+        assert_eq!(c.event_servers[0].timeout_ms, 5000);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::inbound::dedup::{self, Dedup};
 use crate::ops::audit::{self, AuditLog};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
+use crate::state::Store;
 use crate::verdict::Evaluation;
 
 /// State shared by every request: the current config generation and what outlives it.
@@ -31,14 +32,57 @@ pub struct Shared {
     pub admission: Admission,
     /// Whether the config on disk loads (for `/readyz` and the watcher's retries).
     pub reload: crate::ops::reload::Status,
+    /// The state store (event outbox, approvals index, alarms), when the config uses one.
+    pub store: Option<Arc<Store>>,
+    /// Wakes the event delivery workers when an event is recorded.
+    pub(crate) delivery: crate::outbound::events::Wake,
+}
+
+/// Why [`Shared::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] crate::state::StoreError),
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
 }
 
 // === impl Shared ===
 
 impl Shared {
     /// Wraps a loaded generation; opens its audit log (which records the config and a `start`
-    /// checkpoint) and sets the config gauges.
+    /// checkpoint) and sets the config gauges. A config that uses a state store needs
+    /// [`Shared::open`].
     pub fn new(g: Generation, metrics: Metrics) -> std::io::Result<Arc<Shared>> {
+        if g.config.state_store().is_some() {
+            return Err(std::io::Error::other(
+                "this config uses a state store: open it with Shared::open",
+            ));
+        }
+        Shared::build(g, metrics, None)
+    }
+
+    /// As [`Shared::new`], also opening the state store the config uses (migrations applied)
+    /// and starting the event delivery, heartbeat and pruning tasks on the current runtime.
+    pub async fn open(g: Generation, metrics: Metrics) -> Result<Arc<Shared>, OpenError> {
+        let store = match g.config.state_store() {
+            Some(at) => Some(Arc::new(
+                Store::open(&at, crate::state::replica_id()).await?,
+            )),
+            None => None,
+        };
+        let shared = Shared::build(g, metrics, store).map_err(OpenError::Audit)?;
+        if shared.store.is_some() {
+            crate::outbound::events::start(&shared);
+        }
+        Ok(shared)
+    }
+
+    fn build(
+        g: Generation,
+        metrics: Metrics,
+        store: Option<Arc<Store>>,
+    ) -> std::io::Result<Arc<Shared>> {
         let g = Arc::new(g);
         let pending = Arc::<audit::Pending>::default();
         let audit = match &g.config.audit_log {
@@ -59,6 +103,8 @@ impl Shared {
             dedup: Dedup::new(dedup::DEFAULT_CAPACITY, dedup::DEFAULT_MAX_BYTES),
             admission: Admission::default(),
             reload: Default::default(),
+            store,
+            delivery: Default::default(),
         };
         shared.set_config_gauges();
         if let Some(audit) = audit {
@@ -101,6 +147,9 @@ impl Shared {
         let g = self.current.load();
         for d in &g.downstreams {
             self.metrics.register_server(&d.name);
+        }
+        for e in &g.event_servers {
+            self.metrics.register_event_server(&e.name);
         }
         for mode in [Mode::Enforce, Mode::Shadow] {
             let n = g.downstreams.iter().filter(|d| d.mode == mode).count();

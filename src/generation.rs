@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, Mode, ServerConfig};
+use crate::config::{Config, ConfigError, EventServerConfig, Mode, ServerConfig};
 use crate::protocol::keys::{self, Signer, Verifier};
 use crate::protocol::{self, RequestType};
 
@@ -27,6 +27,54 @@ pub struct Downstream {
     /// Shadow calls in flight to this server, kept across reloads under the same name, so the
     /// cap on them (see [`crate::outbound::fanout`]) counts the calls of older generations too.
     pub(crate) shadows: Arc<crate::inbound::admission::Admission>,
+}
+
+/// One event server, ready to deliver to.
+#[derive(Debug)]
+pub struct EventServer {
+    pub(crate) name: Arc<str>,
+    pub(crate) url: reqwest::Url,
+    pub(crate) timeout: Duration,
+    pub(crate) client: reqwest::Client,
+    pub(crate) config: EventServerConfig,
+}
+
+// === impl EventServer ===
+
+impl EventServer {
+    /// Builds the server of `s`, keeping the previous generation's HTTP client when its address
+    /// and timeout did not change.
+    fn new(s: &EventServerConfig, previous: Option<&Generation>) -> Result<EventServer, String> {
+        let timeout = Duration::from_millis(s.timeout_ms);
+        let kept = previous
+            .into_iter()
+            .flat_map(|p| p.event_servers.iter())
+            .find(|e| e.config.service_address == s.service_address && e.timeout == timeout)
+            .map(|e| e.client.clone());
+        let client = match kept {
+            Some(c) => c,
+            None => crate::outbound::client::builder(timeout)
+                .build()
+                .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
+        };
+        Ok(EventServer {
+            name: s.name.as_str().into(),
+            // Validated in Config::parse.
+            url: reqwest::Url::parse(&s.service_address).map_err(|e| e.to_string())?,
+            timeout,
+            client,
+            config: s.clone(),
+        })
+    }
+
+    /// Whether this server gets events of `event_type`: every type without a filter (types the
+    /// gateway does not know included), else those listed.
+    pub(crate) fn wants(&self, event_type: &str) -> bool {
+        self.config
+            .event_types
+            .as_ref()
+            .is_none_or(|types| types.iter().any(|t| t == event_type))
+    }
 }
 
 /// Whom a token is for, which decides the key that signs it.
@@ -130,6 +178,21 @@ fn warnings(config: &Config) -> Vec<String> {
     for (field, path) in private_keys {
         warnings.extend(path.and_then(|p| exposed_key(&field, p)));
     }
+    for (i, s) in config.event_servers.iter().enumerate() {
+        for (j, t) in s.event_types.iter().flatten().enumerate() {
+            if !crate::protocol::event::is_known(t) {
+                warnings.push(format!(
+                    "event_servers[{i}].event_types[{j}]: {t:?} is not an event type this gateway knows; it is kept for a type the node may send"
+                ));
+            }
+        }
+    }
+    if !config.event_servers.is_empty() && config.tss_node_event_public_key.is_none() {
+        warnings.push(
+            "event_servers are configured but tss_node_event_public_key is not: no event will be received or delivered"
+                .into(),
+        );
+    }
     warnings
 }
 
@@ -209,7 +272,10 @@ pub struct Generation {
     /// Signs the requests to the downstreams (`downstream_signing_key`), when it is set.
     downstream_signer: Option<Signer>,
     pub(crate) node_verifier: Verifier,
+    /// Verifies the node's events (`tss_node_event_public_key`); `None`: no `/v2/event`.
+    pub(crate) event_verifier: Option<Verifier>,
     pub downstreams: Vec<Arc<Downstream>>,
+    pub event_servers: Vec<Arc<EventServer>>,
     /// Set when the config has `tls:`; each new connection uses the current generation's.
     pub(crate) tls: Option<crate::inbound::tls::Acceptor>,
     /// What this generation was loaded from.
@@ -339,6 +405,23 @@ impl Generation {
         let node_verifier = sources
             .verifier(&config.tss_node_public_key)
             .map_err(key_err("tss_node_public_key"))?;
+        let event_verifier = match &config.tss_node_event_public_key {
+            Some(p) => Some(
+                sources
+                    .verifier(p)
+                    .map_err(key_err("tss_node_event_public_key"))?,
+            ),
+            None => None,
+        };
+        let mut event_servers = Vec::with_capacity(config.event_servers.len());
+        for (i, s) in config.event_servers.iter().enumerate() {
+            let server = EventServer::new(s, previous).map_err(|message| ConfigError::Field {
+                path: path.to_owned(),
+                field: format!("event_servers[{i}].service_address"),
+                message,
+            })?;
+            event_servers.push(Arc::new(server));
+        }
         let mut downstreams = Vec::with_capacity(config.callback_servers.len());
         for (i, s) in config.callback_servers.iter().enumerate() {
             let field = |f: &str| format!("callback_servers[{i}].{f}");
@@ -379,7 +462,9 @@ impl Generation {
             signer,
             downstream_signer,
             node_verifier,
+            event_verifier,
             downstreams,
+            event_servers,
             sources,
             refusals: Default::default(),
         })
@@ -461,6 +546,36 @@ impl Generation {
                 d.retries,
                 types.join(",")
             ));
+        }
+        match &c.tss_node_event_public_key {
+            Some(k) => out.push_str(&format!(
+                "  events: POST /v2/event verified with {}  retried {} h\n",
+                k.display(),
+                c.event_retry_hours
+            )),
+            None => out.push_str("  events: off (no tss_node_event_public_key)\n"),
+        }
+        for e in &self.event_servers {
+            let types = e
+                .config
+                .event_types
+                .as_ref()
+                .map_or_else(|| "all".to_owned(), |t| t.join(","));
+            out.push_str(&format!(
+                "  event server {} {} timeout {} ms types {}\n",
+                e.name,
+                crate::config::redact_address(e.url.as_str()),
+                e.config.timeout_ms,
+                types
+            ));
+        }
+        match c.state_store() {
+            Some(at) => out.push_str(&format!(
+                "  state store {}  approvals kept {} days\n",
+                crate::state::describe(&at),
+                c.approval_retention_days
+            )),
+            None => out.push_str("  state store: none (no approvals index)\n"),
         }
         out
     }

@@ -34,10 +34,13 @@ pub mod inbound;
 // Fan-out and shadow calls, one call, the HTTP client, TLS toward downstreams.
 pub mod outbound;
 
-// Metrics, the audit log, health checks, hot reload.
+// Metrics, the audit log, health checks, hot reload, reconciliation.
 pub mod ops;
+
+// The state store: event outbox, approvals index, alarms (SQLite or PostgreSQL).
+pub mod state;
 
 // Probe, demo, sample servers, `audit verify`, `replay`: run by operators, not on the path.
 pub mod tools;
 
-pub use gateway::Shared;
+pub use gateway::{OpenError, Shared};

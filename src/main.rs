@@ -12,7 +12,7 @@ use tss_callback_gateway::inbound::listener;
 use tss_callback_gateway::protocol::keys::{self, Signer, Verifier};
 use tss_callback_gateway::protocol::RequestType;
 use tss_callback_gateway::tools::probe::{self, Payload, Probe};
-use tss_callback_gateway::tools::{demo, replay, verify};
+use tss_callback_gateway::tools::{demo, reconcile, replay, verify};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +81,17 @@ enum Command {
         /// Audit files recorded with `audit_payloads: true`, oldest first.
         #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
         audit: Vec<PathBuf>,
+    },
+    /// List executed requests (request.*.succeeded events) with no APPROVE record, across the
+    /// audit files of every replica (exit 0 every execution was approved, 1 some were not, 2
+    /// error).
+    Reconcile {
+        /// Audit files of every replica, rotated ones included, in any order.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        audit: Vec<PathBuf>,
+        /// Approvals older than this with no succeeded/failed event are listed (for information).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
     },
 }
 
@@ -177,6 +188,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Replay { config, audit } => replay(&config, &audit),
+        Command::Reconcile { audit, grace } => reconcile(&audit, grace),
         Command::Demo => demo(),
     };
     exit.unwrap_or_else(|e| {
@@ -316,6 +328,13 @@ fn replay(config: &Path, files: &[PathBuf]) -> Exit {
         .map_err(|e| e.to_string())?;
     println!("{report}");
     Ok(exit_if(report.changed() == 0))
+}
+
+/// `reconcile`: exit 0 if every execution was approved, 1 if some were not, 2 on error.
+fn reconcile(files: &[PathBuf], grace: Duration) -> Exit {
+    let report = reconcile::reconcile(files, grace).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(exit_if(report.clean()))
 }
 
 /// Exit 0 when `ok`, else 1.

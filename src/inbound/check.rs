@@ -38,6 +38,9 @@ struct Answer {
     /// A status-20 answer's fixed text (see [`refusal`]); `decision.error` says exactly why,
     /// for the log and the audit record.
     refusal: Option<&'static str>,
+    /// SHA-256 of the CallbackRequest bytes (zeros when there were none), for the approvals
+    /// index.
+    digest: [u8; 32],
 }
 
 impl dedup::Footprint for Arc<Evaluation> {
@@ -121,6 +124,7 @@ pub(crate) async fn check(
             "request body not received within read_timeout_ms".into(),
         ),
     };
+    index_approval(&shared, &g, &mut answer, deadline).await;
     let elapsed = started.elapsed();
     let kind = protocol::type_name(answer.code);
     audit(&shared, &g, &mut answer, kind, elapsed, ticket, deadline).await;
@@ -169,7 +173,7 @@ pub(crate) async fn check(
 
 /// How long the handler waits for a body past `read_timeout_ms` before giving up itself; by
 /// then the connection's watchdog has closed the connection (and dropped the handler).
-const READ_SLACK: Duration = Duration::from_secs(1);
+pub(crate) const READ_SLACK: Duration = Duration::from_secs(1);
 
 /// Writes the answer's audit record, if there is an audit log, before the answer is sent,
 /// waiting for it until the request's deadline (at least [`AUDIT_WAIT_MIN`]). An approval whose
@@ -213,6 +217,32 @@ async fn audit(
     }
 }
 
+/// Puts an approval in the approvals index before it is sent (contract section 5), so that the
+/// `succeeded` event of the task can be reconciled with it, here or on another replica. Pings
+/// are not indexed: a Ping is never executed. An approval that could not be indexed is not
+/// given: it becomes status 30 (fail closed), and `/readyz` turns 503 until the store recovers.
+async fn index_approval(shared: &Shared, g: &Generation, answer: &mut Answer, deadline: Instant) {
+    let Some(store) = &shared.store else {
+        return;
+    };
+    if !answer.decision.is_approval() || answer.code == Some(RequestType::Ping.code()) {
+        return;
+    }
+    let approval = crate::state::approvals::Approval {
+        request_id: answer.request_id.clone(),
+        request_type: answer.code.unwrap_or(-1),
+        payload_sha256: crate::ops::audit::hex(&answer.digest),
+        config_generation: g.number,
+    };
+    let until = deadline.max(Instant::now() + AUDIT_WAIT_MIN);
+    if let Err(e) = store.approve(approval, until).await {
+        answer.decision = Decision::reject(
+            Status::InternalError,
+            format!("state store unavailable: {e}"),
+        );
+    }
+}
+
 /// A request whose decision used up its deadline still gives the audit writer this long.
 const AUDIT_WAIT_MIN: Duration = Duration::from_millis(500);
 
@@ -246,6 +276,7 @@ fn invalid(status: Status, request_id: String, code: Option<i64>, error: String)
         duplicate: false,
         request: None,
         refusal: None,
+        digest: [0; 32],
     }
 }
 
@@ -340,6 +371,7 @@ async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: 
             duplicate: shared,
             request: recorded,
             refusal: None,
+            digest,
         },
     }
 }

@@ -32,8 +32,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("audit log: {0}")]
-    Audit(std::io::Error),
+    #[error(transparent)]
+    Open(#[from] crate::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -64,7 +64,7 @@ pub async fn run(path: &Path) -> Result<(), ServeError> {
         })?),
         None => None,
     };
-    let shared = Shared::new(g, Metrics::new()).map_err(ServeError::Audit)?;
+    let shared = Shared::open(g, Metrics::new()).await?;
     let local = listener.local_addr().ok();
     for line in summary.lines() {
         tracing::info!("{}", line.trim());

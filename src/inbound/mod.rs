@@ -8,6 +8,7 @@ pub(crate) mod body;
 pub(crate) mod check;
 pub(crate) mod conn;
 pub(crate) mod dedup;
+pub(crate) mod event;
 pub mod listener;
 pub(crate) mod refusal;
 pub(crate) mod routes;

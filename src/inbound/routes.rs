@@ -1,4 +1,4 @@
-//! The routes: the TSS Node's (`/v2/check`, `/v1/check`, `/ping`) and the operator's (`/healthz`,
+//! The routes: the TSS Node's (`/v2/check`, `/v1/check`, `/v2/event`, `/ping`) and the operator's (`/healthz`,
 //! `/readyz`, `/metrics`), which move to `admin_listen` when it is set.
 
 use std::sync::Arc;
@@ -22,6 +22,7 @@ pub(crate) fn node_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v2/check", post(check))
         .route("/v1/check", post(check))
+        .route("/v2/event", post(super::event::event))
         .route("/ping", get(ping))
         .with_state(shared)
 }
@@ -49,13 +50,25 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let g = shared.current.load();
-    // Read from the audit writer's state, never waiting on the disk.
-    let unready = shared.audit.load().as_ref().and_then(|a| a.unready());
+    // Read from the audit writer's and the store's state, never waiting on the disk.
+    let unready = shared
+        .audit
+        .load()
+        .as_ref()
+        .and_then(|a| a.unready())
+        .or_else(|| shared.store.as_ref().and_then(|s| s.unready()));
     let mut body = serde_json::json!({
         "ready": unready.is_none(),
         "config_generation": g.number,
         "servers": shared.health.report(&g),
     });
+    match alarms(&shared).await {
+        Ok(list) => body["alarms"] = list,
+        Err(e) => {
+            body["alarms"] = serde_json::json!([]);
+            body["alarms_error"] = e.into();
+        }
+    }
     let status = match unready {
         Some(reason) => {
             body["reason"] = reason.into();
@@ -69,6 +82,21 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         body["config_error"] = e.into();
     }
     (status, Json(body)).into_response()
+}
+
+/// The `unapproved_execution` alarms of the last 24 hours, from the store (every replica's,
+/// across restarts), waited for at most a second.
+async fn alarms(shared: &Shared) -> Result<serde_json::Value, String> {
+    let Some(store) = &shared.store else {
+        return Ok(serde_json::json!([]));
+    };
+    let since = crate::state::now_ms() - 24 * 3_600_000;
+    let read = store.alarms_since(crate::ops::reconcile::UNAPPROVED_EXECUTION, since, 100);
+    match tokio::time::timeout(std::time::Duration::from_secs(1), read).await {
+        Ok(Ok(list)) => Ok(serde_json::to_value(list).unwrap_or_default()),
+        Ok(Err(e)) => Err(format!("alarms unreadable: {e}")),
+        Err(_) => Err("alarms unreadable: the state store did not answer within 1 s".into()),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::protocol::RequestType;
@@ -44,6 +44,36 @@ pub struct Metrics {
     /// 1 while the config on disk differs from the running one and does not load.
     pub(crate) config_reload_failing: IntGauge,
     pub(crate) connections_refused: IntCounterVec,
+    /// `tss_gateway_events_total{type,outcome}`: `type` is bounded by [`event_type_label`].
+    pub(crate) events: IntCounterVec,
+    pub(crate) event_deliveries: IntCounterVec,
+    pub(crate) event_backlog: IntGaugeVec,
+    pub(crate) event_oldest_undelivered: GaugeVec,
+    pub(crate) unapproved_executions: IntCounterVec,
+    pub(crate) approved_then_failed: IntCounterVec,
+}
+
+/// Event outcomes (`tss_gateway_events_total{outcome}`).
+pub(crate) mod event_outcome {
+    pub(crate) const ACCEPTED: &str = "accepted";
+    pub(crate) const INVALID_TOKEN: &str = "invalid_token";
+    pub(crate) const INVALID_REQUEST: &str = "invalid_request";
+    /// Verified but not recorded (state store or audit log unavailable): HTTP 503.
+    pub(crate) const FAILED: &str = "failed";
+    pub(crate) const ALL: [&str; 4] = [ACCEPTED, INVALID_TOKEN, INVALID_REQUEST, FAILED];
+}
+
+/// Delivery outcomes (`tss_gateway_event_deliveries_total{outcome}`), one per attempt; `dropped`
+/// once per event given up.
+pub(crate) mod delivery {
+    pub(crate) const DELIVERED: &str = "delivered";
+    /// The event server answered 4xx (Cobo's answer to a token or payload it refuses).
+    pub(crate) const REFUSED: &str = "refused";
+    pub(crate) const TIMEOUT: &str = "timeout";
+    /// Connection refused or reset, or an answer other than 2xx/4xx.
+    pub(crate) const TRANSPORT_ERROR: &str = "transport_error";
+    pub(crate) const DROPPED: &str = "dropped";
+    pub(crate) const ALL: [&str; 5] = [DELIVERED, REFUSED, TIMEOUT, TRANSPORT_ERROR, DROPPED];
 }
 
 /// Why a connection to `listen` was closed unanswered
@@ -188,6 +218,46 @@ impl Metrics {
                 "Connections to listen closed unanswered, by reason.",
                 &["reason"],
             ),
+            events: counters(
+                &r,
+                "tss_gateway_events_total",
+                "TSS Node events received, by event type (other: a type this gateway does not know, or unreadable) and outcome.",
+                &["type", "outcome"],
+            ),
+            event_deliveries: counters(
+                &r,
+                "tss_gateway_event_deliveries_total",
+                "Attempts to deliver an event to an event server, by outcome; dropped once per event given up.",
+                &["server", "outcome"],
+            ),
+            event_backlog: gauges(
+                &r,
+                "tss_gateway_event_backlog",
+                "Events recorded and not yet delivered to the server.",
+                &["server"],
+            ),
+            event_oldest_undelivered: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tss_gateway_event_oldest_undelivered_seconds",
+                        "Age of the oldest event not yet delivered to the server (0: none).",
+                    ),
+                    &["server"],
+                ),
+            ),
+            unapproved_executions: counters(
+                &r,
+                "tss_gateway_unapproved_executions_total",
+                "request.*.succeeded events for a request no gateway replica approved, by task type.",
+                &["type"],
+            ),
+            approved_then_failed: counters(
+                &r,
+                "tss_gateway_approved_then_failed_total",
+                "request.*.failed events for a request a gateway replica approved, by task type.",
+                &["type"],
+            ),
             registry: r,
         };
         m.start_at_zero();
@@ -221,6 +291,42 @@ impl Metrics {
             self.request_duration.with_label_values(&[kind]);
             self.embedded_rejections.with_label_values(&[kind]);
         }
+        for t in RequestType::ALL.iter().filter(|t| **t != RequestType::Ping) {
+            self.unapproved_executions.with_label_values(&[t.name()]);
+            self.approved_then_failed.with_label_values(&[t.name()]);
+        }
+        for t in crate::protocol::event::known_types()
+            .iter()
+            .map(String::as_str)
+            .chain(["other"])
+        {
+            for o in event_outcome::ALL {
+                self.events.with_label_values(&[t, o]);
+            }
+        }
+    }
+
+    /// Creates every series of one event server at zero (at start and when a reload adds it).
+    pub(crate) fn register_event_server(&self, server: &str) {
+        for o in delivery::ALL {
+            self.event_deliveries.with_label_values(&[server, o]);
+        }
+        self.event_backlog.with_label_values(&[server]);
+        self.event_oldest_undelivered.with_label_values(&[server]);
+    }
+
+    /// Deletes every series of an event server that left the config.
+    pub(crate) fn forget_event_server(&self, server: &str) {
+        forget(&self.event_deliveries, server);
+        forget(&self.event_backlog, server);
+        forget(&self.event_oldest_undelivered, server);
+    }
+
+    /// Counts one event received, `type` bounded to the known types and `other`.
+    pub(crate) fn count_event(&self, event_type: &str, outcome: &str) {
+        self.events
+            .with_label_values(&[event_type_label(event_type), outcome])
+            .inc();
     }
 
     /// Creates every series of one downstream server at zero (at start and when a reload adds it).
@@ -276,6 +382,11 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// The `type` label of an event: its type when this gateway knows it, else `other`.
+pub(crate) fn event_type_label(t: &str) -> &str {
+    crate::protocol::event::type_label(t)
 }
 
 /// Deletes the series of `vec` whose `server` label is `server`.

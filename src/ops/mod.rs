@@ -4,4 +4,5 @@
 pub(crate) mod audit;
 pub mod health;
 pub mod metrics;
+pub mod reconcile;
 pub mod reload;

@@ -39,6 +39,8 @@ const MAX_LINKS: usize = 40;
 pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("state_store: {0}")]
+    Store(String),
     #[error("audit log {path}: {source}")]
     Audit {
         path: PathBuf,
@@ -76,6 +78,18 @@ pub fn reload(shared: &Shared, path: &Path, reason: &str) -> Result<u64, ReloadE
 fn try_reload(shared: &Shared, path: &Path) -> Result<u64, ReloadError> {
     let old = shared.current.load_full();
     let next = Generation::reload(path, &old)?;
+    let (running, configured) = (old.config.state_store(), next.config.state_store());
+    if running != configured {
+        let show = |s: &Option<crate::config::StoreLocation>| {
+            s.as_ref()
+                .map_or_else(|| "none".to_owned(), crate::state::describe)
+        };
+        return Err(ReloadError::Store(format!(
+            "changed from {} to {}: restart the gateway to change the state store (the running config is kept until then)",
+            show(&running),
+            show(&configured)
+        )));
+    }
     let audit = match &next.config.audit_log {
         Some(p) if old.config.audit_log.as_ref() == Some(p) => shared.audit.load_full(),
         Some(p) => Some(
@@ -171,6 +185,7 @@ pub fn watched_files(path: &Path) -> BTreeSet<PathBuf> {
         files.insert(c.tss_node_public_key);
         files.insert(c.gateway_private_key);
         files.extend(c.downstream_signing_key);
+        files.extend(c.tss_node_event_public_key);
         if let Some(t) = c.tls {
             files.extend([t.cert, t.key]);
         }

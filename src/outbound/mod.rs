@@ -5,6 +5,7 @@
 
 pub(crate) mod call;
 pub mod client;
+pub(crate) mod events;
 pub(crate) mod fanout;
 pub(crate) mod tls;
 

@@ -3,6 +3,7 @@
 //! verify it ([`keys`]); private-key signatures run on [`signing_pool`]'s threads.
 
 mod envelope;
+pub mod event;
 pub mod keys;
 pub(crate) mod signing_pool;
 mod token;

@@ -66,7 +66,9 @@ pub async fn run() -> Result<(), DemoError> {
     std::fs::write(&config_path, gateway_config(gateway_addr, &addrs)).map_err(setup("config"))?;
     let g = Generation::load(&config_path, 1).map_err(setup("config"))?;
     let audit_path = g.config.audit_log.clone();
-    let shared = Shared::new(g, Metrics::new()).map_err(setup("audit log"))?;
+    let shared = Shared::open(g, Metrics::new())
+        .await
+        .map_err(setup("gateway"))?;
     tokio::spawn(crate::inbound::listener::serve(
         listener,
         shared.clone(),

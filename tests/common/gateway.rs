@@ -99,7 +99,9 @@ impl Gateway {
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config_yaml(addr, servers, extra)).unwrap();
         let rt = Generation::load(&config_path, 1).unwrap_or_else(|e| panic!("{e}"));
-        let shared = Shared::new(rt, Metrics::new()).unwrap();
+        let shared = Shared::open(rt, Metrics::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, shared.clone(), async {
             let _ = rx.await;

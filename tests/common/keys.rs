@@ -92,6 +92,8 @@ fn make_pair(dir: &Path, name: &str) -> KeyPair {
 /// Key pairs shared by every test in one test binary (generating RSA keys is slow).
 pub struct Keys {
     pub node: KeyPair,
+    /// The node's event key (`event key create`), apart from its callback key.
+    pub node_event: KeyPair,
     pub gateway: KeyPair,
     pub intruder: KeyPair,
     pub servers: Vec<KeyPair>,
@@ -103,6 +105,7 @@ pub fn keys() -> &'static Keys {
         let dir = tempfile::tempdir().unwrap().keep();
         Keys {
             node: make_pair(&dir, "tss-node"),
+            node_event: make_pair(&dir, "tss-node-event"),
             gateway: make_pair(&dir, "gateway"),
             intruder: make_pair(&dir, "intruder"),
             servers: (0..4).map(|i| make_pair(&dir, &format!("ds{i}"))).collect(),

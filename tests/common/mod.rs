@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod downstream;
+pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod keys;

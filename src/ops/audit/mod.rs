@@ -36,6 +36,9 @@ use std::sync::Arc;
 use aws_lc_rs::digest;
 
 pub(crate) use config::{config_record, warn_if_weaker};
+pub(crate) use records::{
+    Alarm, AlarmRecord, EventDropped, EventDroppedRecord, EventRecord, EventSeen,
+};
 #[allow(unused_imports)] // `Shadow`: for the shadow fan-out.
 pub(crate) use records::{AuditRecord, Shadow};
 pub use writer::AuditLog;

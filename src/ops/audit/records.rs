@@ -1,5 +1,5 @@
 //! What the chain holds, as data: decision records, checkpoints and the other kinds of line
-//! (`config`, `refused`, `shadow`). Each serializes to one JSON object; the writer adds `seq` and
+//! (`config`, `refused`, `shadow`, `event`, `alarm`, `event_dropped`). Each serializes to one JSON object; the writer adds `seq` and
 //! `prev`.
 
 use serde::Serialize;
@@ -158,4 +158,54 @@ impl Seal {
             Seal::Discontinuity => "discontinuity",
         }
     }
+}
+
+/// A verified TSS Node event (`event` record).
+#[derive(Debug, Serialize)]
+pub(crate) struct EventSeen<'a> {
+    pub(crate) event_id: &'a str,
+    pub(crate) event_type: &'a str,
+    pub(crate) node_id: &'a str,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) request_type: Option<i64>,
+    /// Present (true) only for an event already recorded (the node sent it again).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) duplicate: bool,
+}
+
+#[derive(Serialize)]
+pub(crate) struct EventRecord<'a> {
+    pub(crate) ts: String,
+    pub(crate) event: EventSeen<'a>,
+}
+
+/// What reconciliation found (`alarm` record): `unapproved_execution` or `approved_then_failed`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Alarm<'a> {
+    pub(crate) kind: &'a str,
+    pub(crate) request_id: &'a str,
+    pub(crate) event_id: &'a str,
+    pub(crate) event_type: &'a str,
+    pub(crate) node_id: &'a str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct AlarmRecord<'a> {
+    pub(crate) ts: String,
+    pub(crate) alarm: Alarm<'a>,
+}
+
+/// An event given up for one event server after `event_retry_hours` (`event_dropped` record).
+#[derive(Debug, Serialize)]
+pub(crate) struct EventDropped<'a> {
+    pub(crate) event_id: &'a str,
+    pub(crate) server: &'a str,
+    pub(crate) attempts: i64,
+    pub(crate) error: &'a str,
+}
+
+#[derive(Serialize)]
+pub(crate) struct EventDroppedRecord<'a> {
+    pub(crate) ts: String,
+    pub(crate) event_dropped: EventDropped<'a>,
 }

@@ -169,6 +169,17 @@ impl AuditLog {
         until: tokio::time::Instant,
     ) -> Result<(), String> {
         let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        self.append_body(body, g, ticket, until).await
+    }
+
+    /// As [`AuditLog::append`], for a record of another kind (one JSON object) made by the caller.
+    pub(crate) async fn append_body(
+        &self,
+        body: Vec<u8>,
+        g: &Arc<Generation>,
+        ticket: Ticket,
+        until: tokio::time::Instant,
+    ) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         // Given back before the hand-over: the writer seals as idle once none is pending.
         ticket.finish();

@@ -1,0 +1,228 @@
+//! `POST /v2/event`: a TSS Node event, verified with the node's event key, recorded (outbox and
+//! audit chain) before the answer, then delivered by [`crate::outbound::events`] and reconciled
+//! by [`crate::ops::reconcile`].
+//!
+//! Answers are plain HTTP, as Cobo's event servers give them: 200 once the event is recorded,
+//! 400 for a bad token or payload (nothing recorded, nothing delivered), 503 when it cannot be
+//! recorded (the node may send it again: a duplicate `event_id` is accepted, not delivered twice).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use tokio::time::Instant;
+
+use super::body::{form_token, read_body};
+use super::conn::ConnRef;
+use crate::generation::Generation;
+use crate::ops::audit::{EventRecord, EventSeen};
+use crate::ops::metrics::event_outcome;
+use crate::ops::reconcile::{self, Check};
+use crate::outbound::client;
+use crate::protocol::event::Event;
+use crate::protocol::{self, keys::Verifier};
+use crate::Shared;
+
+/// Why an event was not accepted: the HTTP status, the metric outcome and the text.
+struct Refusal {
+    http: StatusCode,
+    outcome: &'static str,
+    event_type: String,
+    text: String,
+}
+
+fn refuse(http: StatusCode, outcome: &'static str, text: String) -> Refusal {
+    Refusal {
+        http,
+        outcome,
+        event_type: String::new(),
+        text,
+    }
+}
+
+/// The handler.
+pub(crate) async fn event(
+    State(shared): State<Arc<Shared>>,
+    conn: Option<Extension<ConnRef>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let conn = conn.map(|Extension(c)| c.0);
+    let started = conn
+        .as_ref()
+        .map_or_else(Instant::now, |c| c.request_began());
+    let (limit, read_by) = {
+        let g = shared.current.load();
+        if g.event_verifier.is_none() {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "events are off: tss_node_event_public_key is not set\n".into(),
+            );
+        }
+        if shared.admission.in_flight() >= g.config.max_in_flight {
+            return overloaded();
+        }
+        let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
+        (g.config.max_body_bytes, started + read_timeout)
+    };
+    let read = tokio::time::timeout_at(
+        read_by + super::check::READ_SLACK,
+        read_body(headers, body, limit, read_by),
+    )
+    .await;
+    if let Some(c) = &conn {
+        if read.is_err() {
+            std::future::pending::<()>().await;
+        }
+        c.body_read();
+    }
+    let g = shared.current.load_full();
+    let Some(_admitted) = shared.admission.try_admit(g.config.max_in_flight) else {
+        return overloaded();
+    };
+    let deadline = started + Duration::from_millis(g.config.deadline_ms);
+    let result = match read {
+        Ok(Ok(bytes)) => receive(&shared, &g, bytes, deadline).await,
+        Ok(Err(e)) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            event_outcome::INVALID_REQUEST,
+            e,
+        )),
+        Err(_) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            event_outcome::INVALID_REQUEST,
+            "request body not received within read_timeout_ms".into(),
+        )),
+    };
+    match result {
+        Ok(event_type) => {
+            shared
+                .metrics
+                .count_event(&event_type, event_outcome::ACCEPTED);
+            plain(StatusCode::OK, "ok\n".into())
+        }
+        Err(r) => {
+            shared.metrics.count_event(&r.event_type, r.outcome);
+            tracing::warn!(http = r.http.as_u16(), outcome = r.outcome, error = %client::snippet(&r.text), "event not accepted");
+            plain(r.http, format!("{}\n", r.text))
+        }
+    }
+}
+
+/// Verifies, records, wakes the delivery and reconciles; the event type on success.
+async fn receive(
+    shared: &Shared,
+    g: &Arc<Generation>,
+    body: Bytes,
+    deadline: Instant,
+) -> Result<String, Refusal> {
+    let Some(verifier) = g.event_verifier.as_ref() else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            event_outcome::INVALID_REQUEST,
+            "events are off".into(),
+        ));
+    };
+    let (event, package) = parse(verifier, &body)?;
+    drop(body);
+    let failed = |text: String| Refusal {
+        http: StatusCode::SERVICE_UNAVAILABLE,
+        outcome: event_outcome::FAILED,
+        event_type: event.event_type.clone(),
+        text,
+    };
+    let Some(store) = shared.store.clone() else {
+        return Err(failed("no state store is open: restart the gateway".into()));
+    };
+    let check = reconcile::check_for(&event);
+    let approved = match (check, &event.request_id) {
+        (Check::Lookup(_), Some(id)) => store
+            .approved(id)
+            .await
+            .map_err(|e| failed(format!("state store unavailable: {e}")))?,
+        _ => false,
+    };
+    let servers: Vec<&str> = g
+        .event_servers
+        .iter()
+        .filter(|s| s.wants(&event.event_type))
+        .map(|s| &*s.name)
+        .collect();
+    let new = store
+        .record_event(&event.event_id, &event.event_type, &package, &servers)
+        .await
+        .map_err(|e| failed(format!("state store unavailable: {e}")))?;
+    if let Some(audit) = shared.audit.load_full() {
+        let record = EventRecord {
+            ts: crate::ops::audit::now_rfc3339(),
+            event: EventSeen {
+                event_id: &event.event_id,
+                event_type: &event.event_type,
+                node_id: &event.node_id,
+                request_id: event.request_id.as_deref(),
+                request_type: event.request_type,
+                duplicate: !new,
+            },
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| failed(e.to_string()))?;
+        let until = deadline.max(Instant::now() + Duration::from_millis(500));
+        audit
+            .append_body(body, g, shared.audit_pending.enter(), until)
+            .await
+            .map_err(|e| failed(format!("audit log unavailable: {e}")))?;
+    }
+    if new {
+        shared.delivery.ring();
+        reconcile::reconcile(shared, g, &event, approved).await;
+    }
+    tracing::info!(
+        event_id = %client::snippet(&event.event_id),
+        event_type = %client::snippet(&event.event_type),
+        request_id = %client::snippet(event.request_id.as_deref().unwrap_or_default()),
+        servers = servers.len(),
+        duplicate = !new,
+        "event recorded"
+    );
+    Ok(event.event_type)
+}
+
+/// The token checked with the event key and the TSSEvent read; the node's exact bytes kept.
+fn parse(verifier: &Verifier, body: &[u8]) -> Result<(Event, Vec<u8>), Refusal> {
+    let bad_token =
+        |text: String| refuse(StatusCode::BAD_REQUEST, event_outcome::INVALID_TOKEN, text);
+    let token = form_token(body).map_err(bad_token)?;
+    let claims = protocol::verify_token(&token, verifier, protocol::now_secs())
+        .map_err(|e| bad_token(format!("invalid token: {e}")))?;
+    let invalid = |text: String| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            event_outcome::INVALID_REQUEST,
+            text,
+        )
+    };
+    let package =
+        protocol::decode_package(&claims.package_data).map_err(|e| invalid(e.to_string()))?;
+    let event = Event::parse(&package).map_err(|e| invalid(e.to_string()))?;
+    Ok((event, package))
+}
+
+fn plain(status: StatusCode, text: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
+}
+
+/// HTTP 503 with `Retry-After` beyond `max_in_flight`, unread.
+fn overloaded() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, "1"),
+            (header::CONTENT_TYPE, "text/plain"),
+        ],
+        "overloaded: max_in_flight requests are being handled; retry later\n",
+    )
+        .into_response()
+}
