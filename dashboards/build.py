@@ -70,6 +70,24 @@ panel("Per-server wait for a max_concurrent slot p99", "timeseries",
       12, 40, unit="s",
       description="only servers with max_concurrent set; a wait that reaches the deadline is a timeout")
 
+panel("Events received by outcome", "timeseries",
+      [("sum by (outcome) (rate(tss_gateway_events_total[$__rate_interval]))", "{{outcome}}")],
+      0, 48, unit="reqps",
+      description="events from the TSS Node: accepted (recorded, 200), invalid_token / invalid_request (400), failed (503: not recorded)")
+panel("Event deliveries per server", "timeseries",
+      [("sum by (server, outcome) (rate(tss_gateway_event_deliveries_total[$__rate_interval]))", "{{server}} {{outcome}}")],
+      12, 48, unit="reqps", stack=True,
+      description="attempts to deliver to each event server; refused = HTTP 4xx, retried like a failure; dropped = given up after event_retry_hours")
+panel("Event backlog per server", "timeseries",
+      [("sum by (server) (tss_gateway_event_backlog)", "{{server}}"),
+       ("max by (server) (tss_gateway_event_oldest_undelivered_seconds)", "{{server}} oldest (s)")],
+      0, 56,
+      description="events recorded and not yet delivered, and the age of the oldest; the backlog alert fires past 15 minutes")
+panel("Unapproved executions", "stat",
+      [("sum by (type) (tss_gateway_unapproved_executions_total)", "{{type}}")],
+      12, 56,
+      description="request.*.succeeded events for requests no gateway replica approved; any increase is a critical alert")
+
 dashboard = {
     "__inputs": [],
     "title": "tss-callback-gateway",

@@ -94,7 +94,7 @@ PY
 echo "== shipped gateway configs"
 "$BIN" keygen --out "$work/keys" --name k >/dev/null
 check_config() { # $1: config text with key paths to replace
-  sed -E "s#(tss_node_public_key|pubkey_path): .*#\1: $work/keys/k-pub.key#; s#(gateway_private_key|downstream_signing_key): .*#\1: $work/keys/k-pri.pem#; s#audit_log: .*#audit_log: $work/audit.jsonl#" \
+  sed -E "s#(tss_node_public_key|tss_node_event_public_key|pubkey_path): .*#\1: $work/keys/k-pub.key#; s#state_store: /.*#state_store: $work/state.db#; s#(gateway_private_key|downstream_signing_key): .*#\1: $work/keys/k-pri.pem#; s#audit_log: .*#audit_log: $work/audit.jsonl#" \
     > "$work/config.yaml"
   "$BIN" check-config -c "$work/config.yaml"
 }

@@ -578,3 +578,88 @@ fn check_config_shows_the_event_settings_and_refuses_bad_ones() {
     assert_eq!(code, 2);
     assert!(err.contains("tss_node_event_public_key"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_servers_come_and_go_with_a_reload_and_the_store_needs_a_restart() {
+    use tss_callback_gateway::ops::reload::reload;
+    let first = EventPeer::start("first").await;
+    let second = EventPeer::start("second").await;
+    let ds = approver().await;
+    let gw = Gateway::start(
+        &[entry(&ds, "")],
+        &events_yaml(&[("first", first.url(), "")]),
+    )
+    .await;
+    let yaml = |servers: &[(&str, String, &str)]| {
+        config_yaml(gw.addr, &[entry(&ds, "")], &events_yaml(servers))
+    };
+    let post = |id: &str| {
+        let e = tss_event(id, "request.keysign.created", "r");
+        post_event(gw.addr, event_body(&e))
+    };
+    assert_eq!(post("before").await.0, 200);
+    until(10, "first gets the first event", || {
+        first.count("before") == 1
+    })
+    .await;
+
+    gw.write_config(&yaml(&[("second", second.url(), "")]));
+    reload(&gw.shared, &gw.config_path, "test").unwrap();
+    assert_eq!(post("after").await.0, 200);
+    until(10, "the added server gets the next event", || {
+        second.count("after") == 1
+    })
+    .await;
+    assert_eq!(
+        second.count("before"),
+        0,
+        "an added server gets the events from then on"
+    );
+    assert_eq!(
+        first.count("after"),
+        0,
+        "a removed server gets nothing more"
+    );
+    until(10, "the removed server's series are gone", || {
+        !gw.shared
+            .metrics
+            .render()
+            .contains(r#"tss_gateway_event_backlog{server="first"}"#)
+    })
+    .await;
+
+    // Moving the store is refused: the running config stays, and says why.
+    gw.write_config(&format!(
+        "{}state_store: elsewhere.db\n",
+        yaml(&[("second", second.url(), "")])
+    ));
+    let err = reload(&gw.shared, &gw.config_path, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("state_store") && err.contains("restart"),
+        "{err}"
+    );
+    let ready = get_json(&format!("http://{}/readyz", gw.addr)).await;
+    assert!(
+        ready["config_error"]
+            .as_str()
+            .unwrap()
+            .contains("state_store"),
+        "{ready}"
+    );
+
+    // The audit chain holds the new record kinds and still verifies.
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--live"])
+        .arg(gw.dir.path().join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let config = audit_kind(gw.dir.path(), "config");
+    assert_eq!(config.last().unwrap()["event_servers"][0]["name"], "second");
+}

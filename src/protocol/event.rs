@@ -135,6 +135,14 @@ pub fn request_stage(event_type: &str) -> Option<(RequestType, Stage)> {
     Some((t, stage))
 }
 
+/// `request.<kind>.<stage>` for a task type (`None` for Ping, which has no request events).
+pub fn request_event_type(t: RequestType, stage: &str) -> Option<String> {
+    KINDS
+        .iter()
+        .find(|(_, k)| *k == t)
+        .map(|(word, _)| format!("request.{word}.{stage}"))
+}
+
 /// Every event type this gateway knows: `ping` and the sixteen `request.<kind>.<stage>`.
 pub fn known_types() -> Vec<String> {
     let mut all = vec!["ping".to_owned()];

@@ -48,7 +48,7 @@ pub async fn run() -> Result<(), DemoError> {
     crate::ops::audit::checkpoint::quiet_witness();
     let dir = tempfile::tempdir().map_err(setup("temporary folder"))?;
     let keys_dir = dir.path().join("keys");
-    for name in ["tss-node", "gateway", "intruder"]
+    for name in ["tss-node", "tss-node-event", "gateway", "intruder"]
         .iter()
         .chain(SERVERS.iter())
     {
@@ -97,7 +97,9 @@ pub async fn run() -> Result<(), DemoError> {
         intruder,
         gateway_pub: gateway_pub.clone(),
     };
-    send_cases(&node, audit_path.as_deref()).await;
+    let answered = send_cases(&node, audit_path.as_deref()).await;
+    let event_key = Signer::load(&key("tss-node-event", "pri.pem")).map_err(setup("event key"))?;
+    send_events(&node, &event_key, gateway_addr, &answered, &shared).await;
     if let Some(p) = &audit_path {
         close_and_verify(&shared, p, &gateway_pub)?;
     }
@@ -171,6 +173,8 @@ fn gateway_config(gateway_addr: SocketAddr, addrs: &[SocketAddr]) -> String {
          deadline_ms: 3000\n\
          health_check_interval_ms: 0\n\
          audit_log: audit/decisions.jsonl\n\
+         tss_node_event_public_key: keys/tss-node-event-pub.key\n\
+         state_store: state/gateway.db\n\
          embedded_risk_control_rules:\n  \
            enable: true\n  \
            key_gen:\n    reject_all: false\n    allow_list:\n      - threshold: 2\n        node_ids: [coboNodeA1b2c3, thirdPartyNodeD4e5f6, customerNodeG7h8i9]\n  \
@@ -182,9 +186,102 @@ fn gateway_config(gateway_addr: SocketAddr, addrs: &[SocketAddr]) -> String {
     )
 }
 
+/// What the node asked and was answered: task type, request_id, approved.
+type Answered = Vec<(Option<RequestType>, String, bool)>;
+
+/// After the approvals, the node reports what it executed: a `succeeded` event for every
+/// approved task, and one for a task nobody approved (its callback bypassed). Prints what
+/// reconciliation made of each.
+async fn send_events(
+    node: &Node,
+    event_key: &Signer,
+    gateway_addr: SocketAddr,
+    answered: &Answered,
+    shared: &Shared,
+) {
+    let mut executed: Vec<(RequestType, String, bool)> = answered
+        .iter()
+        .filter_map(|(t, id, ok)| {
+            t.filter(|t| *t != RequestType::Ping && *ok)
+                .map(|t| (t, id.clone(), true))
+        })
+        .collect();
+    executed.push((RequestType::KeySign, "demo-bypassed-key_sign".into(), false));
+    let Ok(url) = reqwest::Url::parse(&format!("http://{gateway_addr}/v2/event")) else {
+        return;
+    };
+    println!(
+        "
+events: the node reports what it executed (request.*.succeeded, signed with its event key)"
+    );
+    let header = format!(
+        "{:<34} {:<26} {:<9} reconciliation",
+        "event_type", "request_id", "approved"
+    );
+    println!("{header}");
+    println!("{}", "-".repeat(header.len() + 30));
+    for (i, (kind, request_id, approved)) in executed.iter().enumerate() {
+        let Some(event_type) = crate::protocol::event::request_event_type(*kind, "succeeded")
+        else {
+            continue;
+        };
+        let event = serde_json::json!({
+            "event_id": format!("demo-event-{i}"),
+            "created_timestamp": crate::state::now_ms(),
+            "node_id": "coboNodeA1b2c3",
+            "event_type": event_type,
+            "data": {"data_type": "KeySign", "request_id": request_id, "request_type": kind.code(),
+                     "request_status": "Succeeded", "extra_info": "{}", "failed_reason": "",
+                     "request_detail": "{}", "result": "{}"}
+        });
+        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        let token = protocol::sign_token(event_key, &payload, "tss-node-demo", 120);
+        let sent = node
+            .http
+            .post(url.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(client::form_body(&token))
+            .send()
+            .await;
+        let result = match sent {
+            Ok(r) if r.status().is_success() => {
+                let alarms = match &shared.store {
+                    Some(store) => store
+                        .alarms_since(crate::ops::reconcile::UNAPPROVED_EXECUTION, 0, 100)
+                        .await
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                if alarms.iter().any(|a| &a.request_id == request_id) {
+                    "ALARM unapproved_execution (audit record, ERROR log, /readyz alarms)"
+                        .to_owned()
+                } else {
+                    "ok: approved before it ran".to_owned()
+                }
+            }
+            Ok(r) => format!("event refused: HTTP {}", r.status().as_u16()),
+            Err(e) => format!("event not sent: {e}"),
+        };
+        let yes_no = if *approved { "yes" } else { "NO" };
+        println!("{event_type:<34} {request_id:<26} {yes_no:<9} {result}");
+    }
+    let raised = shared
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("tss_gateway_unapproved_executions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    println!("tss_gateway_unapproved_executions_total: {raised}");
+}
+
 /// Sends every case as the TSS Node and prints one row each: what each server said (from the
 /// audit log) and the gateway's verified answer.
-async fn send_cases(node: &Node, audit_path: Option<&Path>) {
+async fn send_cases(node: &Node, audit_path: Option<&Path>) -> Answered {
+    let mut answered = Vec::new();
     let header = format!(
         "{:<22} {:<26} {:<15} {:<15} {:<15} {:>8}  decision",
         "type", "request_id", SERVERS[0], SERVERS[1], SERVERS[2], "total ms"
@@ -228,7 +325,13 @@ async fn send_cases(node: &Node, audit_path: Option<&Path>) {
             total.as_millis(),
             describe(&answer)
         );
+        let kind = protocol::CallbackRequest::parse(&case.payload)
+            .ok()
+            .and_then(|r| RequestType::from_code(r.request_type));
+        let approved = matches!(&answer, Ok(r) if r.is_approval());
+        answered.push((kind, request_id, approved));
     }
+    answered
 }
 
 /// Closes the audit log with a signed checkpoint, as a shutdown does, and checks the chain.

@@ -138,7 +138,7 @@ embedded_risk_control_rules:
 def stack():
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="tss-obs-"))
     gw = gateway_bin()
-    for name in ["tss-node", "gateway", "approver", "rejecter", "slow", "broken"]:
+    for name in ["tss-node", "tss-node-event", "gateway", "approver", "rejecter", "slow", "broken"]:
         subprocess.run([gw, "keygen", "--out", str(tmp), "--name", name], check=True, capture_output=True)
     gateway_pub = (tmp / "gateway-pub.key").read_bytes()
     behaviours = {"approver": "approve", "rejecter": "reject", "slow": "slow", "broken": "fail"}
@@ -151,6 +151,9 @@ def stack():
     lines = [f"listen: 127.0.0.1:{port}", f"tss_node_public_key: {tmp}/tss-node-pub.key",
              f"gateway_private_key: {tmp}/gateway-pri.pem", "health_check_interval_ms: 500",
              "reload_settle_ms: 100", RULES,
+             # Events on, to an event server that is not there: its series exist (backlog 0).
+             f"tss_node_event_public_key: {tmp}/tss-node-event-pub.key",
+             "event_servers:", "  - name: siem", f"    service_address: http://127.0.0.1:{free_port()}/v2/event",
              "callback_servers:"]
     for n, s in servers.items():
         lines += [f"  - name: {n}", f"    service_address: {s.url}", f"    pubkey_path: {tmp}/{n}-pub.key",
@@ -277,7 +280,9 @@ def test_exact_counter_values_in_prometheus(stack):
               "tss_gateway_config_reloads_total", "tss_gateway_config_last_reload_success_timestamp_seconds",
               "tss_gateway_callback_servers", "tss_gateway_build_info", "tss_gateway_connections_refused_total",
               "tss_gateway_audit_seq", "tss_gateway_audit_discontinuities_total",
-              "tss_gateway_audit_write_failures_total", "tss_gateway_config_reload_failing"]:
+              "tss_gateway_audit_write_failures_total", "tss_gateway_config_reload_failing",
+              "tss_gateway_events_total", "tss_gateway_event_deliveries_total", "tss_gateway_event_backlog",
+              "tss_gateway_event_oldest_undelivered_seconds", "tss_gateway_unapproved_executions_total"]:
         assert m in names, m
 
 

@@ -1,6 +1,6 @@
 //! The `config` record: what a loaded generation checks, and what changed since the one before.
 
-use super::records::{ConfigRecord, ConfigSummary, ServerSummary};
+use super::records::{ConfigRecord, ConfigSummary, EventServerSummary, ServerSummary};
 use super::{hex, now_rfc3339};
 use crate::config::Mode;
 use crate::generation::{Downstream, Generation};
@@ -43,7 +43,14 @@ pub(crate) fn config_record(old: Option<&Generation>, next: &Generation, reason:
             .unwrap_or_default(),
         reason: reason.to_owned(),
         servers: next.downstreams.iter().map(|d| summary(d)).collect(),
-        event_servers: Vec::new(),
+        event_servers: next
+            .event_servers
+            .iter()
+            .map(|e| EventServerSummary {
+                name: e.name.to_string(),
+                event_types: e.config.event_types.clone(),
+            })
+            .collect(),
         added,
         removed,
         changed,

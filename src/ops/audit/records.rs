@@ -90,6 +90,14 @@ pub(crate) struct ServerSummary {
     pub(crate) request_types: Vec<&'static str>,
 }
 
+/// One event server of a `config` record.
+#[derive(Debug, Serialize)]
+pub(crate) struct EventServerSummary {
+    pub(crate) name: String,
+    /// `None` (null): every type.
+    pub(crate) event_types: Option<Vec<String>>,
+}
+
 /// A loaded config generation (at start-up and at every reload).
 #[derive(Debug, Serialize)]
 pub(crate) struct ConfigSummary {
@@ -98,7 +106,7 @@ pub(crate) struct ConfigSummary {
     pub(crate) sha256: String,
     pub(crate) reason: String,
     pub(crate) servers: Vec<ServerSummary>,
-    pub(crate) event_servers: Vec<ServerSummary>,
+    pub(crate) event_servers: Vec<EventServerSummary>,
     pub(crate) added: Vec<String>,
     pub(crate) removed: Vec<String>,
     pub(crate) changed: Vec<String>,
