@@ -156,29 +156,38 @@ async fn receive(
         .record_event(&event.event_id, &event.event_type, &package, &servers)
         .await
         .map_err(|e| failed(format!("state store unavailable: {e}")))?;
-    if let Some(audit) = shared.audit.load_full() {
-        let record = EventRecord {
-            ts: crate::ops::audit::now_rfc3339(),
-            event: EventSeen {
-                event_id: &event.event_id,
-                event_type: &event.event_type,
-                node_id: &event.node_id,
-                request_id: event.request_id.as_deref(),
-                request_type: event.request_type,
-                duplicate: !new,
-            },
-        };
-        let body = serde_json::to_vec(&record).map_err(|e| failed(e.to_string()))?;
-        let until = deadline.max(Instant::now() + Duration::from_millis(500));
-        audit
-            .append_body(body, g, shared.audit_pending.enter(), until)
-            .await
-            .map_err(|e| failed(format!("audit log unavailable: {e}")))?;
-    }
+    let audited = match shared.audit.load_full() {
+        None => Ok(()),
+        Some(audit) => {
+            let record = EventRecord {
+                ts: crate::ops::audit::now_rfc3339(),
+                event: EventSeen {
+                    event_id: &event.event_id,
+                    event_type: &event.event_type,
+                    node_id: &event.node_id,
+                    request_id: event.request_id.as_deref(),
+                    request_type: event.request_type,
+                    duplicate: !new,
+                },
+            };
+            let until = deadline.max(Instant::now() + Duration::from_millis(500));
+            match serde_json::to_vec(&record) {
+                Ok(body) => {
+                    audit
+                        .append_body(body, g, shared.audit_pending.enter(), until)
+                        .await
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    // Once in the outbox the event is delivered and reconciled, even if its audit record
+    // failed: the node's retry of it is a duplicate, which reconciles nothing again.
     if new {
         shared.delivery.ring();
         reconcile::reconcile(shared, g, &event, approved).await;
     }
+    audited.map_err(|e| failed(format!("audit log unavailable: {e}")))?;
     tracing::info!(
         event_id = %client::snippet(&event.event_id),
         event_type = %client::snippet(&event.event_type),

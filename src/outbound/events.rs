@@ -272,10 +272,17 @@ async fn send(g: &Generation, server: &EventServer, package: Vec<u8>) -> (&'stat
         .body(client::form_body(&token))
         .send();
     let answer = async {
-        let response = post.await?;
+        let mut response = post.await?;
         let status = response.status();
-        // Read (a little of) the body so the connection can be kept alive.
-        let _ = response.bytes().await;
+        // Read a short body to its end so the connection can be kept alive; a longer one is
+        // left unread (the connection is then closed): nothing in it is used.
+        let mut read = 0;
+        while let Some(chunk) = response.chunk().await? {
+            read += chunk.len();
+            if read > client::MAX_ANSWER_BYTES {
+                break;
+            }
+        }
         Ok::<_, reqwest::Error>(status)
     };
     match tokio::time::timeout(server.timeout, answer).await {

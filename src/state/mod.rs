@@ -165,6 +165,10 @@ impl Store {
             .heartbeat()
             .await
             .map_err(|e| fail(format!("first write: {e}")))?;
+        store
+            .release_claims()
+            .await
+            .map_err(|e| fail(format!("releasing old claims: {e}")))?;
         Ok(store)
     }
 
@@ -213,6 +217,26 @@ impl Store {
             .map_err(|e| e.to_string());
         self.note(&result);
         result
+    }
+
+    /// Gives back the outbox claims a previous run of this replica left (stopped mid-delivery),
+    /// so they are retried at once rather than when their lease ends. A SQLite file has one
+    /// gateway, so every claim in it is this replica's.
+    async fn release_claims(&self) -> Result<u64, String> {
+        const RELEASE: &str =
+            "UPDATE outbox_deliveries SET claimed_by = NULL, claimed_until_ms = NULL WHERE claimed_by";
+        let result = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query(&format!("{RELEASE} IS NOT NULL"))
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+            Pool::Postgres(p) => sqlx::query(&format!("{RELEASE} = $1"))
+                .bind(&self.replica)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+        };
+        result.map_err(|e| e.to_string())
     }
 
     /// Deletes what is past keeping: approvals and alarms older than `retention`, finished
