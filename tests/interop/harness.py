@@ -41,7 +41,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_http(url, timeout=15):
+def wait_http(url, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
