@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (Debian packages, a
 # Python venv), then runs the Rust tests, the Python interoperability and observability tests
-# against the release binary, and the deployment checks.
+# against the release binary (with Go peers on Cobo's Go SDK and a private PostgreSQL), and the
+# deployment checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
 # --- Debian packages: openssl (test keys in every PEM form), prometheus + promtool (observability),
-# logrotate (tests/audit.rs rotates the audit log with the shipped deploy/logrotate config)
+# logrotate (tests/audit.rs rotates the audit log with the shipped deploy/logrotate config),
+# postgresql (tests/events: two gateways on one real PostgreSQL; the tests start a private cluster)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v logrotate >/dev/null || [[ -x /usr/sbin/logrotate ]] || need+=(logrotate)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 if ((${#need[@]})); then
   log "installing Debian packages: ${need[*]}"
   sudo=""
@@ -22,7 +25,7 @@ if ((${#need[@]})); then
     command -v sudo >/dev/null || { echo "need root or sudo to install: ${need[*]}" >&2; exit 1; }
     sudo=sudo
   fi
-  # Do not start packaged services (prometheus) on install; the tests run their own.
+  # Do not start packaged services (prometheus, postgresql) on install; the tests run their own.
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
     $sudo chmod +x /usr/sbin/policy-rc.d
@@ -58,13 +61,22 @@ for expect in APPROVE REJECT; do
   grep -q "$expect" <<<"$demo" || { printf '%s\n' "$demo"; echo "demo output lacks $expect" >&2; exit 1; }
 done
 
-# --- Python: Cobo SDK callback servers and TSS Node client; real Prometheus
 # Where cargo put the binary: CARGO_TARGET_DIR or a config may move the target folder.
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+
+# --- Go peers on Cobo's Go SDK (event server, callback server), built once for the Python suites
+command -v go >/dev/null || { echo "need the Go toolchain to build tests/gopeers" >&2; exit 1; }
+export GOPEERS_BIN=$target_dir/gopeers
+log "go build tests/gopeers -> $GOPEERS_BIN"
+started=$SECONDS
+(cd tests/gopeers && go build -buildvcs=false -o "$GOPEERS_BIN/" ./...)
+echo "Go peers built in $((SECONDS - started)) s"
+
+# --- Python: Cobo SDK callback and event servers, TSS Node client, PostgreSQL; real Prometheus
 export GATEWAY_BIN=$target_dir/release/tss-callback-gateway
 suites=()
-for d in tests/interop tests/observability; do
+for d in tests/interop tests/events tests/observability; do
   compgen -G "$d/test_*.py" >/dev/null && suites+=("$d")
 done
 if ((${#suites[@]})); then

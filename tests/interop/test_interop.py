@@ -9,7 +9,7 @@ import subprocess
 import jwt
 import pytest
 
-from conftest import SAMPLES, free_port, gateway_bin, keygen, pkcs1_pair, start_downstream, wait_http
+from harness import SAMPLES, free_port, gateway_bin, keygen, pkcs1_pair, start_downstream, wait_http
 import downstream_server
 import tss_node
 

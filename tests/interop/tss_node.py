@@ -9,12 +9,44 @@ the server's public key and check its request_id.
 import argparse
 import base64
 import json
+import pathlib
 import sys
 import time
+import uuid
 
 import jwt
 import requests
-from cobo_waas2 import TSSCallbackRequest, TSSCallbackResponse
+from cobo_waas2 import (
+    TSSCallbackRequest,
+    TSSCallbackResponse,
+    TSSEvent,
+    TSSEventData,
+    TSSEventDataType,
+    TSSEventType,
+    TSSKeyGenEventData,
+    TSSKeyGenRequest,
+    TSSKeyReshareEventData,
+    TSSKeyReshareRequest,
+    TSSKeyShareSignEventData,
+    TSSKeyShareSignRequest,
+    TSSKeySignEventData,
+    TSSKeySignRequest,
+    TSSRequestTypeEenum,
+    TSSStatus,
+)
+
+SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "config" / "samples"
+
+# Event kind -> (event data model, request detail model, data_type, sample CallbackRequest)
+EVENT_KINDS = {
+    "keygen": (TSSKeyGenEventData, TSSKeyGenRequest, TSSEventDataType.KEYGEN, "key_gen"),
+    "keysign": (TSSKeySignEventData, TSSKeySignRequest, TSSEventDataType.KEYSIGN, "key_sign"),
+    "keyreshare": (TSSKeyReshareEventData, TSSKeyReshareRequest, TSSEventDataType.KEYRESHARE, "key_reshare"),
+    "keysharesign": (TSSKeyShareSignEventData, TSSKeyShareSignRequest, TSSEventDataType.KEYSHARESIGN,
+                     "key_share_sign"),
+}
+STAGE_STATUS = {"created": TSSStatus.SCHEDULING, "updated": TSSStatus.PROCESSING, "failed": TSSStatus.FAILED,
+                "succeeded": TSSStatus.COMPLETED}
 
 
 def make_token(payload: bytes, node_key: bytes, iss="cobo-tss-node", expire_minutes=2) -> str:
@@ -42,6 +74,36 @@ def send(url: str, payload: bytes, node_key: bytes, server_pub: bytes, token: st
     if resp.request_id not in (request_id, ""):
         raise ValueError(f"answer is for {resp.request_id!r}, sent {request_id!r}")
     return r.status_code, resp
+
+
+def make_event(event_type: str, request_id: str = None, node_id="coboNodeA1b2c3", event_id=None) -> bytes:
+    """A TSSEvent as the node sends it, built with the SDK models: `ping` or
+    `request.<kind>.<stage>`, its data taken from the sample CallbackRequest of that kind."""
+    event_id = event_id or f"evt-{uuid.uuid4()}"
+    data = None
+    if event_type != "ping":
+        _, kind, stage = event_type.split(".")
+        model, detail_model, data_type, sample = EVENT_KINDS[kind]
+        req = json.loads((SAMPLES / f"{sample}.json").read_bytes())
+        data = TSSEventData(model(
+            data_type=data_type,
+            request_id=request_id or req["request_id"],
+            request_type=TSSRequestTypeEenum(data_type.value),
+            request_status=STAGE_STATUS[stage],
+            extra_info=req["extra_info"],
+            failed_reason="signing timed out" if stage == "failed" else None,
+            request_detail=detail_model.from_json(req["request_detail"]),
+        ))
+    event = TSSEvent(event_id=event_id, created_timestamp=int(time.time() * 1000), node_id=node_id,
+                     event_type=TSSEventType(event_type), data=data)
+    return event.to_json().encode()
+
+
+def send_event(url: str, payload: bytes, event_key: bytes = None, token: str = None, timeout=10):
+    """Posts an event as the node does (signed with its event key); returns the HTTP response.
+    Event servers answer plain HTTP: 200 accepted, 400 refused."""
+    token = token or make_token(payload, event_key)
+    return requests.post(url, data={"TSS_JWT_MSG": token}, timeout=timeout)
 
 
 def main(argv=None):
