@@ -556,7 +556,7 @@ const REFUSAL_LOGS_PER_SECOND: u32 = 10;
 
 /// Whether a status-20 decision may be logged now: `Some(n)` with the number not logged since
 /// the last one that was, or `None` beyond [`REFUSAL_LOGS_PER_SECOND`].
-fn refusal_log_budget() -> Option<u64> {
+pub(crate) fn refusal_log_budget() -> Option<u64> {
     struct Budget {
         window: Option<std::time::Instant>,
         logged: u32,

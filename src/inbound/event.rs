@@ -107,7 +107,24 @@ pub(crate) async fn event(
         }
         Err(r) => {
             shared.metrics.count_event(&r.event_type, r.outcome);
-            tracing::warn!(http = r.http.as_u16(), outcome = r.outcome, error = %client::snippet(&r.text), "event not accepted");
+            // A 400 needs no key to provoke: logged within the same per-second budget as
+            // status-20 callbacks (every one is counted in metrics).
+            let unlogged = if r.http == StatusCode::BAD_REQUEST {
+                super::check::refusal_log_budget()
+            } else {
+                Some(0)
+            };
+            if let Some(unlogged) = unlogged {
+                let peer = conn.as_ref().map(|c| c.peer.to_string());
+                tracing::warn!(
+                    http = r.http.as_u16(),
+                    outcome = r.outcome,
+                    peer = peer.as_deref().unwrap_or("unknown"),
+                    refusals_not_logged = unlogged,
+                    error = %client::snippet(&r.text),
+                    "event not accepted"
+                );
+            }
             plain(r.http, format!("{}\n", r.text))
         }
     }
