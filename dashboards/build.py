@@ -11,6 +11,8 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # checks that none is missing); per-server ones by `server` too.
 INST = 'instance=~"$instance"'
 SRV = f'{INST}, server=~"$server"'
+# Event servers are another set of names (`event_servers`), with a variable of their own.
+EVS = f'{INST}, server=~"$event_server"'
 panels = []
 
 
@@ -91,20 +93,21 @@ panel("Per-server wait for a max_concurrent slot p99", "timeseries",
       description="only servers with max_concurrent set; a wait that reaches the deadline is a timeout")
 
 panel("Events received by outcome", "timeseries",
-      [("sum by (outcome) (rate(tss_gateway_events_total[$__rate_interval]))", "{{outcome}}")],
+      [(f"sum by (outcome) (rate(tss_gateway_events_total{{{INST}}}[$__rate_interval]))", "{{outcome}}")],
       0, 48, unit="reqps",
       description="events from the TSS Node: accepted (recorded, 200), invalid_token / invalid_request (400), failed (503: not recorded)")
 panel("Event deliveries per server", "timeseries",
-      [("sum by (server, outcome) (rate(tss_gateway_event_deliveries_total[$__rate_interval]))", "{{server}} {{outcome}}")],
+      [(f"sum by (server, outcome) (rate(tss_gateway_event_deliveries_total{{{EVS}}}[$__rate_interval]))", "{{server}} {{outcome}}")],
       12, 48, unit="reqps", stack=True,
       description="attempts to deliver to each event server; refused = HTTP 4xx, retried like a failure; dropped = given up after event_retry_hours")
 panel("Event backlog per server", "timeseries",
-      [("sum by (server) (tss_gateway_event_backlog)", "{{server}}"),
-       ("max by (server) (tss_gateway_event_oldest_undelivered_seconds)", "{{server}} oldest (s)")],
+      # Replicas sharing a PostgreSQL store each report the same backlog: max, not sum.
+      [(f"max by (server) (tss_gateway_event_backlog{{{EVS}}})", "{{server}}"),
+       (f"max by (server) (tss_gateway_event_oldest_undelivered_seconds{{{EVS}}})", "{{server}} oldest (s)")],
       0, 56,
       description="events recorded and not yet delivered, and the age of the oldest; the backlog alert fires past 15 minutes")
 panel("Unapproved executions", "stat",
-      [("sum by (type) (tss_gateway_unapproved_executions_total)", "{{type}}")],
+      [(f"sum by (type) (tss_gateway_unapproved_executions_total{{{INST}}})", "{{type}}")],
       12, 56,
       description="request.*.succeeded events for requests no gateway replica approved; any increase is a critical alert")
 
@@ -130,6 +133,10 @@ dashboard = {
         {"name": "server", "label": "Server", "type": "query", "datasource": DS,
          "query": {"query": f"label_values(tss_gateway_downstream_requests_total{{{INST}}}, server)", "refId": "server"},
          "definition": f"label_values(tss_gateway_downstream_requests_total{{{INST}}}, server)",
+         "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
+        {"name": "event_server", "label": "Event server", "type": "query", "datasource": DS,
+         "query": {"query": f"label_values(tss_gateway_event_backlog{{{INST}}}, server)", "refId": "event_server"},
+         "definition": f"label_values(tss_gateway_event_backlog{{{INST}}}, server)",
          "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
     ]},
     "annotations": {"list": []},

@@ -103,12 +103,13 @@ import json, re, sys
 path = sys.argv[1]
 d = json.load(open(path))
 variables = {v["name"]: v for v in d["templating"]["list"]}
-assert list(variables) == ["datasource", "instance", "server"], list(variables)
-for name in ("instance", "server"):
+assert list(variables) == ["datasource", "instance", "server", "event_server"], list(variables)
+for name in ("instance", "server", "event_server"):
     v = variables[name]
     assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", v
 assert "tss_gateway_build_info" in variables["instance"]["query"]["query"]
 assert 'instance=~"$instance"' in variables["server"]["query"]["query"]
+assert 'instance=~"$instance"' in variables["event_server"]["query"]["query"]
 assert len({p["id"] for p in d["panels"]}) == len(d["panels"]), "panel ids repeat"
 selector = re.compile(r"\b(tss_gateway_\w+)(\{[^}]*\})?")
 for p in d["panels"]:
@@ -122,7 +123,8 @@ for p in d["panels"]:
         for metric, labels in uses:
             assert 'instance=~"$instance"' in labels, f"{p['title']}: {metric} is not filtered by $instance"
         if "by (server" in t["expr"]:
-            assert 'server=~"$server"' in t["expr"], f"{p['title']}: not filtered by $server"
+            wanted = '"$event_server"' if "tss_gateway_event_" in t["expr"] else '"$server"'
+            assert f"server=~{wanted}" in t["expr"], f"{p['title']}: not filtered by ${wanted.strip(chr(34) + '$')}"
 panels = {p["title"]: p for p in d["panels"]}
 version = panels["Version"]
 # tss_gateway_build_info is always 1: the stat shows the series name, the version label.

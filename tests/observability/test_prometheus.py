@@ -307,13 +307,13 @@ def dashboard_expressions():
 def substitute(expr, servers):
     return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "5m")
             .replace("${server}", "|".join(servers)).replace("$server", "|".join(servers))
-            .replace("$instance", ".*"))
+            .replace("$event_server", ".*").replace("$instance", ".*"))
 
 
 def test_every_dashboard_expression_returns_data(stack):
     d, exprs = dashboard_expressions()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert names == ["datasource", "instance", "server"], names
+    assert names == ["datasource", "instance", "server", "event_server"], names
     assert len(exprs) >= 13
     for title, expr in exprs:
         assert query(stack["prom"], substitute(expr, stack["servers"])), f"no data for {title}: {expr}"
