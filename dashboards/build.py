@@ -13,11 +13,24 @@ INST = 'instance=~"$instance"'
 SRV = f'{INST}, server=~"$server"'
 # Event servers are another set of names (`event_servers`), with a variable of their own.
 EVS = f'{INST}, server=~"$event_server"'
+# Traces: the gateway exports one trace per request (README "Traces"); these links open Jaeger's
+# search over the dashboard's time range (Jaeger takes microseconds: Grafana's ms + "000").
+# Exemplars would need OpenMetrics exemplars from the prometheus crate, which it does not offer.
+JAEGER = "${jaeger_url}/search?service=${trace_service}&start=${__from}000&end=${__to}000&limit=100"
+
+
+def trace_link(title, tags):
+    """A data link to the traces whose spans carry `tags` (JSON, URL-encoded by hand: Jaeger's
+    search takes `tags={"key":"value"}`)."""
+    encoded = "%7B" + "%2C".join(f"%22{k}%22%3A%22{v}%22" for k, v in tags.items()) + "%7D"
+    return {"title": title, "url": f"{JAEGER}&tags={encoded}", "targetBlank": True}
+
+
 panels = []
 
 
 def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, description="", options=None,
-          mappings=None, thresholds=None):
+          mappings=None, thresholds=None, links=None):
     p = {
         "id": len(panels) + 1,
         "title": title,
@@ -34,6 +47,8 @@ def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, descrip
     }
     if mappings:
         p["fieldConfig"]["defaults"]["mappings"] = mappings
+    if links:
+        p["fieldConfig"]["defaults"]["links"] = links
     if thresholds:
         p["fieldConfig"]["defaults"]["thresholds"] = {"mode": "absolute", "steps": thresholds}
     if kind == "timeseries" and stack:
@@ -43,7 +58,9 @@ def panel(title, kind, targets, x, y, w=12, h=8, unit=None, stack=False, descrip
 
 panel("Decisions per second by type and outcome", "timeseries",
       [(f"sum by (type, outcome) (rate(tss_gateway_requests_total{{{INST}}}[$__rate_interval]))", "{{type}} {{outcome}}")],
-      0, 0, unit="reqps")
+      0, 0, unit="reqps",
+      links=[trace_link("Traces: ${__field.labels.type} ${__field.labels.outcome}",
+                        {"type": "${__field.labels.type}", "outcome": "${__field.labels.outcome}"})])
 panel("Approval ratio", "stat",
       [(f'sum(rate(tss_gateway_requests_total{{{INST}, outcome="approved"}}[$__rate_interval])) / sum(rate(tss_gateway_requests_total{{{INST}}}[$__rate_interval]))', "approved")],
       12, 0, w=6, unit="percentunit")
@@ -55,16 +72,20 @@ panel("Version", "stat", [(f"count by (version) (tss_gateway_build_info{{{INST}}
 panel("Gateway latency p50 / p95 / p99", "timeseries",
       [(f"histogram_quantile({q}, sum by (le) (rate(tss_gateway_request_duration_seconds_bucket{{{INST}}}[$__rate_interval])))", f"p{int(q * 100)}")
        for q in (0.5, 0.95, 0.99)],
-      0, 8, unit="s")
+      0, 8, unit="s",
+      links=[{"title": "Traces in this time range", "url": JAEGER, "targetBlank": True}])
 panel("Per-server latency p99", "timeseries",
       [(f"histogram_quantile(0.99, sum by (server, le) (rate(tss_gateway_downstream_duration_seconds_bucket{{{SRV}}}[$__rate_interval])))", "{{server}}")],
-      12, 8, unit="s")
+      12, 8, unit="s",
+      links=[trace_link("Traces calling ${__field.labels.server}", {"server": "${__field.labels.server}"})])
 panel("Per-server outcomes", "timeseries",
       [(f"sum by (server, outcome) (rate(tss_gateway_downstream_requests_total{{{SRV}}}[$__rate_interval]))", "{{server}} {{outcome}}")],
       0, 16, unit="reqps", stack=True)
 panel("Timeouts and failures per server", "timeseries",
       [(f'sum by (server, outcome) (rate(tss_gateway_downstream_requests_total{{{SRV}, outcome!~"approved|rejected|cancelled"}}[$__rate_interval]))', "{{server}} {{outcome}}")],
-      12, 16, unit="reqps")
+      12, 16, unit="reqps",
+      links=[trace_link("Traces: ${__field.labels.server} ${__field.labels.outcome}",
+                        {"server": "${__field.labels.server}", "outcome": "${__field.labels.outcome}"})])
 panel("Downstream up", "stat",
       [(f"min by (server, mode) (tss_gateway_downstream_up{{{SRV}}})", "{{server}} ({{mode}})")], 0, 24, w=8,
       description="UP: the last signed health ping was answered with status 0 (by every selected replica); "
@@ -138,8 +159,16 @@ dashboard = {
          "query": {"query": f"label_values(tss_gateway_event_backlog{{{INST}}}, server)", "refId": "event_server"},
          "definition": f"label_values(tss_gateway_event_backlog{{{INST}}}, server)",
          "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "refresh": 2, "hide": 0},
+        {"name": "jaeger_url", "label": "Jaeger UI", "type": "textbox", "query": "http://127.0.0.1:16686",
+         "current": {"text": "http://127.0.0.1:16686", "value": "http://127.0.0.1:16686"}, "hide": 0,
+         "description": "base URL of the Jaeger UI that receives the gateway's traces"},
+        {"name": "trace_service", "label": "Trace service", "type": "textbox", "query": "tss-callback-gateway",
+         "current": {"text": "tss-callback-gateway", "value": "tss-callback-gateway"}, "hide": 2,
+         "description": "service.name of the gateway's spans"},
     ]},
     "annotations": {"list": []},
+    "links": [{"title": "Traces (Jaeger)", "type": "link", "url": JAEGER, "targetBlank": True,
+               "icon": "external link", "tooltip": "this dashboard's time range in Jaeger's search"}],
     "panels": panels,
 }
 

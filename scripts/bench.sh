@@ -8,4 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p tss-callback-gateway -p bench
-exec target/release/bench "$@"
+# Where cargo put the binaries: CARGO_TARGET_DIR or a config may move the target folder.
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+exec "$target_dir/release/bench" "$@"

@@ -103,7 +103,11 @@ import json, re, sys
 path = sys.argv[1]
 d = json.load(open(path))
 variables = {v["name"]: v for v in d["templating"]["list"]}
-assert list(variables) == ["datasource", "instance", "server", "event_server"], list(variables)
+assert list(variables) == ["datasource", "instance", "server", "event_server", "jaeger_url", "trace_service"], list(variables)
+# Traces: a dashboard link and per-server data links into Jaeger's search, over the time range.
+assert all(variables[n]["type"] == "textbox" for n in ("jaeger_url", "trace_service"))
+jaeger = "${jaeger_url}/search?service=${trace_service}&start=${__from}000&end=${__to}000"
+assert [l["url"].startswith(jaeger) for l in d["links"]] == [True], d["links"]
 for name in ("instance", "server", "event_server"):
     v = variables[name]
     assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", v
@@ -130,6 +134,9 @@ version = panels["Version"]
 # tss_gateway_build_info is always 1: the stat shows the series name, the version label.
 assert version["options"]["textMode"] == "name", version["options"]
 assert [t["legendFormat"] for t in version["targets"]] == ["{{version}}"]
+for title in ("Per-server latency p99", "Timeouts and failures per server"):
+    links = panels[title]["fieldConfig"]["defaults"]["links"]
+    assert any(l["url"].startswith(jaeger) and "${__field.labels.server}" in l["url"] for l in links), (title, links)
 up = panels["Downstream up"]
 mappings = up["fieldConfig"]["defaults"]["mappings"]
 values = {k: v for m in mappings if m["type"] == "value" for k, v in m["options"].items()}
@@ -137,7 +144,7 @@ assert values["1"]["text"] == "UP" and values["1"]["color"] == "green", values
 assert values["0"]["text"] == "DOWN" and values["0"]["color"] == "red", values
 assert all("{{mode}}" in t["legendFormat"] and "mode" in t["expr"] for t in up["targets"]), up["targets"]
 assert up["options"]["colorMode"] == "background"
-print(f"{path}: {len(d['panels'])} panels, every query filtered by $instance; Version and Downstream up checked")
+print(f"{path}: {len(d['panels'])} panels, every query filtered by $instance; Version, Downstream up and the trace links checked")
 PY
 
 echo "== shipped gateway configs"

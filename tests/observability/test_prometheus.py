@@ -313,7 +313,7 @@ def substitute(expr, servers):
 def test_every_dashboard_expression_returns_data(stack):
     d, exprs = dashboard_expressions()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert names == ["datasource", "instance", "server", "event_server"], names
+    assert names == ["datasource", "instance", "server", "event_server", "jaeger_url", "trace_service"], names
     assert len(exprs) >= 13
     for title, expr in exprs:
         assert query(stack["prom"], substitute(expr, stack["servers"])), f"no data for {title}: {expr}"
