@@ -19,12 +19,17 @@ const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 /** What the page shows, read from its DOM as rendered. */
 function extract() {
   const text = (el) => (el ? el.innerText.trim() : null);
-  const rows = (id) =>
-    Array.from(document.querySelectorAll(`#${id} tbody tr`)).map((tr) => ({
+  // Each row's cells by their column's heading.
+  const rows = (id) => {
+    const table = document.getElementById(id);
+    if (!table) return [];
+    const heads = Array.from(table.tHead.rows[0].cells).map((th) => th.innerText.trim());
+    return Array.from(table.tBodies[0].rows).map((tr) => ({
       server: tr.dataset.server || null,
       health: (tr.querySelector('[data-health]') || {}).dataset?.health || null,
-      cells: Array.from(tr.cells).map((td) => td.innerText.trim()),
+      cells: Object.fromEntries(Array.from(tr.cells).map((td, i) => [heads[i], td.innerText.trim()])),
     }));
+  };
   const alarms = document.getElementById('alarms');
   const alarmStyle = alarms ? getComputedStyle(alarms) : null;
   const refresh = document.querySelector('meta[http-equiv="refresh"]');

@@ -133,19 +133,25 @@ def test_the_status_page_in_a_browser_shows_health_decisions_and_alarms_and_noth
     servers = {r["server"]: r for r in d["servers"]}
     assert servers.keys() == {"risk", "gone", "shadow"}
     assert servers["gone"]["health"] == "down", servers["gone"]
-    assert "down" in servers["gone"]["cells"][3] and "transport_error" in servers["gone"]["cells"][3]
+    assert "down" in servers["gone"]["cells"]["Health"] and "transport_error" in servers["gone"]["cells"]["Health"]
     assert servers["risk"]["health"] == "up", servers["risk"]
-    assert servers["risk"]["cells"][1] == "enforce" and servers["shadow"]["cells"][1] == "shadow"
-    assert servers["gone"]["cells"][2] == "key_gen"
-    assert "approved 1" in servers["risk"]["cells"][4], servers["risk"]
-    assert "http://***@127.0.0.1" in servers["risk"]["cells"][7]
+    assert servers["risk"]["cells"]["Mode"] == "enforce" and servers["shadow"]["cells"]["Mode"] == "shadow"
+    assert servers["gone"]["cells"]["Request types"] == "key_gen"
+    # risk approved both the KeySign and the KeyGen (which failed on gone).
+    assert "approved 2" in servers["risk"]["cells"]["Outcomes, 5 min"], servers["risk"]
+    assert "http://***@127.0.0.1" in servers["risk"]["cells"]["Address"]
     events = {r["server"]: r for r in d["eventServers"]}
-    assert events["siem"]["health"] == "up" and "delivered" in events["siem"]["cells"][2]
+    assert events["siem"]["health"] == "up" and "delivered" in events["siem"]["cells"]["Last delivery"]
+    assert events["siem"]["cells"]["Backlog"] == "0", events["siem"]
+    assert "http://***@127.0.0.1" in events["siem"]["cells"]["Address"]
 
     # The decisions, newest first; the request_id shown as the text it is.
     rows = [r["cells"] for r in d["decisions"]]
-    assert rows[0][1] == "keygen-needs-gone" and rows[0][3] == "REJECT" and "gone" in rows[0][5], rows[0]
-    assert rows[1][1] == SCRIPT_ID and rows[1][2] == "key_sign" and rows[1][3] == "APPROVE", rows[1]
+    assert len(rows) == 2, rows
+    first, second = rows
+    assert (first["request_id"], first["Decision"]) == ("keygen-needs-gone", "REJECT"), first
+    assert first["Status"].startswith("30") and "gone: transport_error" in first["Failing server / reason"], first
+    assert (second["request_id"], second["Type"], second["Decision"]) == (SCRIPT_ID, "key_sign", "APPROVE"), second
     assert "<script>" not in d["html"].split("<body", 1)[1].replace("&lt;script&gt;", "")
 
     # The alarm: shown, prominent and red.

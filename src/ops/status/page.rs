@@ -206,20 +206,21 @@ fn servers(s: &Snapshot) -> Markup {
     html! {
         div.scroll {
             table id="servers" {
+                // What matters most first: a phone shows the first columns without scrolling.
                 thead { tr {
-                    th { "Name" } th { "Mode" } th { "Request types" } th { "Health" }
-                    th { "Outcomes, " (span_label()) } th { "p50" } th { "p99" } th { "Address" }
+                    th { "Name" } th { "Health" } th { "Outcomes, " (span_label()) } th { "p50" }
+                    th { "p99" } th { "Mode" } th { "Request types" } th { "Address" }
                 } }
                 tbody {
                     @for v in &s.servers {
                         tr data-server=(v.name) {
                             td { strong { (v.name) } }
-                            td { (v.mode) }
-                            td { (v.types) }
                             (health_cell(v.health.as_ref(), s.health_interval_ms))
                             td { (outcomes(&v.recent)) }
                             td { (ms(v.recent.p50)) }
                             td { (ms(v.recent.p99)) }
+                            td { (v.mode) }
+                            td { (v.types) }
                             td { code { (v.address) } }
                         }
                     }
@@ -257,19 +258,15 @@ fn event_servers(s: &Snapshot) -> Markup {
         div.scroll {
             table id="event-servers" {
                 thead { tr {
-                    th { "Name" } th { "Event types" } th { "Last delivery" }
+                    th { "Name" } th { "Last delivery" } th { "Backlog" } th { "Oldest undelivered" }
                     th { "Outcomes, " (span_label()) } th { "p50" } th { "p99" }
-                    th { "Backlog" } th { "Oldest undelivered" } th { "Address" }
+                    th { "Event types" } th { "Address" }
                 } }
                 tbody {
                     @for v in &s.event_servers {
                         tr data-server=(v.name) {
                             td { strong { (v.name) } }
-                            td { (v.types) }
                             (last_delivery(v, s.now))
-                            td { (outcomes(&v.recent)) }
-                            td { (ms(v.recent.p50)) }
-                            td { (ms(v.recent.p99)) }
                             @match &v.backlog {
                                 Backlog::NoStore => { td { "—" } td { "—" } },
                                 Backlog::Unavailable(why) => {
@@ -283,6 +280,10 @@ fn event_servers(s: &Snapshot) -> Markup {
                                     } }
                                 },
                             }
+                            td { (outcomes(&v.recent)) }
+                            td { (ms(v.recent.p50)) }
+                            td { (ms(v.recent.p99)) }
+                            td { (v.types) }
                             td { code { (v.address) } }
                         }
                     }
@@ -314,16 +315,16 @@ fn decisions(s: &Snapshot) -> Markup {
         div.scroll {
             table id="decisions" {
                 thead { tr {
-                    th { "Time" } th { "request_id" } th { "Type" } th { "Decision" }
+                    th { "Time" } th { "Decision" } th { "request_id" } th { "Type" }
                     th { "Status" } th { "Failing server / reason" }
                 } }
                 tbody {
                     @for d in &s.decisions {
                         tr {
                             td { (rfc3339(d.at)) }
+                            td { span class=(if d.action == "APPROVE" { "approve" } else { "reject" }) { (d.action) } }
                             td.text { code.rid { (d.request_id) } @if d.duplicate { " " span.meta { "(retry)" } } }
                             td { (d.kind) }
-                            td { span class=(if d.action == "APPROVE" { "approve" } else { "reject" }) { (d.action) } }
                             td { (d.status) " " span.meta { (status_word(d.status)) } }
                             td.text { (scrub(&d.reason)) }
                         }
