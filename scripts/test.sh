@@ -10,7 +10,8 @@ log() { printf '\n== %s\n' "$*"; }
 
 # --- Debian packages: openssl (test keys in every PEM form), prometheus + promtool (observability),
 # logrotate (tests/audit.rs rotates the audit log with the shipped deploy/logrotate config),
-# postgresql (tests/events: two gateways on one real PostgreSQL; the tests start a private cluster)
+# postgresql (tests/events: two gateways on one real PostgreSQL; the tests start a private cluster),
+# chromium (tests/status: the status page in a real headless browser, driven by playwright-core)
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v prometheus >/dev/null || need+=(prometheus)
@@ -18,6 +19,8 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v logrotate >/dev/null || [[ -x /usr/sbin/logrotate ]] || need+=(logrotate)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+command -v npm >/dev/null || need+=(npm)
 if ((${#need[@]})); then
   log "installing Debian packages: ${need[*]}"
   sudo=""
@@ -49,6 +52,11 @@ if ((${#reqs[@]})); then
   "$VENV/bin/pip" install -q --disable-pip-version-check "${reqs[@]}"
 fi
 
+# --- Node: playwright-core for tests/status, pinned by its lock file; it drives Debian's chromium,
+# so no browser is downloaded
+log "npm ci --prefix tests/status"
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/status --no-audit --no-fund --loglevel=error
+
 # --- Rust: unit and integration tests (real HTTP on loopback, real signed tokens)
 log "cargo test --release"
 cargo build --release --locked
@@ -75,8 +83,10 @@ echo "Go peers built in $((SECONDS - started)) s"
 
 # --- Python: Cobo SDK callback and event servers, TSS Node client, PostgreSQL; real Prometheus
 export GATEWAY_BIN=$target_dir/release/tss-callback-gateway
+# Screenshots of the status page (tests/status) stay here after the run.
+export ARTIFACTS_DIR=$target_dir/test-artifacts
 suites=()
-for d in tests/interop tests/events tests/observability; do
+for d in tests/interop tests/events tests/observability tests/status; do
   compgen -G "$d/test_*.py" >/dev/null && suites+=("$d")
 done
 if ((${#suites[@]})); then

@@ -73,7 +73,7 @@ fn flow_depth(text: &str) -> usize {
 pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// When set, `/metrics`, `/readyz` and `/healthz` are served here and not on `listen`.
+    /// When set, `/metrics`, `/readyz`, `/healthz` and `/status` are served here and not on `listen`.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
     #[serde(default = "default_service_name")]

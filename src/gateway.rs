@@ -36,6 +36,8 @@ pub struct Shared {
     pub store: Option<Arc<Store>>,
     /// Wakes the event delivery workers when an event is recorded.
     pub(crate) delivery: crate::outbound::events::Wake,
+    /// The last decisions, for the status page.
+    pub(crate) decisions: crate::ops::status::Decisions,
 }
 
 /// Why [`Shared::open`] failed.
@@ -105,6 +107,7 @@ impl Shared {
             reload: Default::default(),
             store,
             delivery: Default::default(),
+            decisions: Default::default(),
         };
         shared.set_config_gauges();
         if let Some(audit) = audit {
@@ -145,6 +148,7 @@ impl Shared {
     /// generation.
     pub(crate) fn set_config_gauges(&self) {
         let g = self.current.load();
+        crate::ops::status::forget_removed(&self.metrics.recent, &g);
         for d in &g.downstreams {
             self.metrics.register_server(&d.name, d.mode);
         }

@@ -312,6 +312,8 @@ pub struct Generation {
     pub warnings: Vec<String>,
     /// The status-20 answers, signed with this generation's key in advance.
     pub(crate) refusals: crate::inbound::refusal::Refusals,
+    /// When this generation was loaded (for the status page).
+    pub(crate) loaded_at: std::time::SystemTime,
 }
 
 /// A warning when the private key file at `path` is readable by its group or by others.
@@ -494,6 +496,7 @@ impl Generation {
             event_servers,
             sources,
             refusals: Default::default(),
+            loaded_at: std::time::SystemTime::now(),
         })
     }
 

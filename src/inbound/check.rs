@@ -147,6 +147,14 @@ pub(crate) async fn check(
         .with_label_values(&[kind])
         .observe(elapsed.as_secs_f64());
     log_decision(&answer, kind, elapsed, conn.as_ref().map(|c| c.peer));
+    shared.decisions.push(
+        &answer.request_id,
+        kind,
+        answer.decision.status.code(),
+        answer.decision.action.as_str(),
+        &answer.decision.error,
+        answer.duplicate,
+    );
 
     let token = match answer.refusal {
         // Nothing is known about this caller: a token signed in advance, no RSA work.

@@ -120,7 +120,7 @@ fn ignore_file_size_signal() {
     }
 }
 
-/// Serves the operator's endpoints (`/metrics`, `/readyz`, `/healthz`) on `admin_listen`, plain
+/// Serves the operator's endpoints (`/metrics`, `/readyz`, `/healthz`, `/status`) on `admin_listen`, plain
 /// HTTP, until `shutdown` resolves.
 pub async fn serve_admin(
     listener: TcpListener,

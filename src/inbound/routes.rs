@@ -1,7 +1,8 @@
 //! The routes: the TSS Node's (`/v2/check`, `/v1/check`, `/v2/event`, `/ping`) and the operator's (`/healthz`,
-//! `/readyz`, `/metrics`), which move to `admin_listen` when it is set.
+//! `/readyz`, `/metrics`, `/status`), which move to `admin_listen` when it is set.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -10,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::check::check;
+use crate::state::alarms::Alarm;
 use crate::Shared;
 
 /// Every route: the node's and the operator's (no `admin_listen`).
@@ -33,6 +35,7 @@ pub(crate) fn admin_router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(crate::ops::status::page))
         .with_state(shared)
 }
 
@@ -50,20 +53,14 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let g = shared.current.load();
-    // Read from the audit writer's and the store's state, never waiting on the disk.
-    let unready = shared
-        .audit
-        .load()
-        .as_ref()
-        .and_then(|a| a.unready())
-        .or_else(|| shared.store.as_ref().and_then(|s| s.unready()));
+    let unready = unready(&shared);
     let mut body = serde_json::json!({
         "ready": unready.is_none(),
         "config_generation": g.number,
         "servers": shared.health.report(&g),
     });
-    match alarms(&shared).await {
-        Ok(list) => body["alarms"] = list,
+    match alarms(&shared, Duration::from_secs(1)).await {
+        Ok(list) => body["alarms"] = serde_json::to_value(list).unwrap_or_default(),
         Err(e) => {
             body["alarms"] = serde_json::json!([]);
             body["alarms_error"] = e.into();
@@ -84,18 +81,32 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Why the gateway cannot approve now (`None`: ready), read from the audit writer's and the
+/// store's state, never waiting on the disk.
+pub(crate) fn unready(shared: &Shared) -> Option<String> {
+    shared
+        .audit
+        .load()
+        .as_ref()
+        .and_then(|a| a.unready())
+        .or_else(|| shared.store.as_ref().and_then(|s| s.unready()))
+}
+
 /// The `unapproved_execution` alarms of the last 24 hours, from the store (every replica's,
-/// across restarts), waited for at most a second.
-async fn alarms(shared: &Shared) -> Result<serde_json::Value, String> {
+/// across restarts), waited for at most `wait`.
+pub(crate) async fn alarms(shared: &Shared, wait: Duration) -> Result<Vec<Alarm>, String> {
     let Some(store) = &shared.store else {
-        return Ok(serde_json::json!([]));
+        return Ok(Vec::new());
     };
     let since = crate::state::now_ms() - 24 * 3_600_000;
     let read = store.alarms_since(crate::ops::reconcile::UNAPPROVED_EXECUTION, since, 100);
-    match tokio::time::timeout(std::time::Duration::from_secs(1), read).await {
-        Ok(Ok(list)) => Ok(serde_json::to_value(list).unwrap_or_default()),
+    match tokio::time::timeout(wait, read).await {
+        Ok(Ok(list)) => Ok(list),
         Ok(Err(e)) => Err(format!("alarms unreadable: {e}")),
-        Err(_) => Err("alarms unreadable: the state store did not answer within 1 s".into()),
+        Err(_) => Err(format!(
+            "alarms unreadable: the state store did not answer within {} ms",
+            wait.as_millis()
+        )),
     }
 }
 

@@ -21,12 +21,12 @@ use crate::Shared;
 /// The last health check of one server.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct HealthState {
-    up: bool,
-    outcome: &'static str,
-    latency_ms: u64,
-    error: String,
+    pub(crate) up: bool,
+    pub(crate) outcome: &'static str,
+    pub(crate) latency_ms: u64,
+    pub(crate) error: String,
     /// RFC 3339 time of the check.
-    checked_at: String,
+    pub(crate) checked_at: String,
 }
 
 /// Last health state per server name.
@@ -55,6 +55,12 @@ impl Health {
                 })
             })
             .collect()
+    }
+
+    /// The last health of the server `name`, if it was checked.
+    pub(crate) fn state(&self, name: &str) -> Option<HealthState> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.get(name).cloned()
     }
 
     /// Pings every server of the current generation once, concurrently.

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub(crate) event_oldest_undelivered: GaugeVec,
     pub(crate) unapproved_executions: IntCounterVec,
     pub(crate) approved_then_failed: IntCounterVec,
+    /// What the status page shows of the last minutes, fed where calls and deliveries are
+    /// counted here.
+    pub(crate) recent: Arc<crate::ops::status::Recent>,
 }
 
 /// Event outcomes (`tss_gateway_events_total{outcome}`).
@@ -268,6 +271,7 @@ impl Metrics {
                 "request.*.failed events for a request a gateway replica approved, by task type.",
                 &["type"],
             ),
+            recent: Arc::default(),
             registry: r,
         };
         m.start_at_zero();
@@ -400,11 +404,29 @@ impl Metrics {
         self.downstream_requests
             .with_label_values(&[&v.server, v.outcome.as_str()])
             .inc();
-        if !matches!(v.outcome, Outcome::Cancelled | Outcome::Skipped) {
+        let took = !matches!(v.outcome, Outcome::Cancelled | Outcome::Skipped);
+        if took {
             self.downstream_duration
                 .with_label_values(&[&v.server])
                 .observe(v.duration.as_secs_f64());
         }
+        self.recent
+            .call(&v.server, v.outcome.as_str(), took.then_some(v.duration));
+    }
+
+    /// Counts one delivery attempt (or a drop, `took: None`) to the event server `server` in
+    /// `tss_gateway_event_deliveries_total{server,outcome}`; `error` says why it failed.
+    pub(crate) fn record_delivery(
+        &self,
+        server: &Arc<str>,
+        outcome: &'static str,
+        took: Option<std::time::Duration>,
+        error: &str,
+    ) {
+        self.event_deliveries
+            .with_label_values(&[server, outcome])
+            .inc();
+        self.recent.delivery(server, outcome, took, error);
     }
 
     /// The audit writer's handles to its own metrics.
@@ -414,6 +436,7 @@ impl Metrics {
             discontinuities: self.audit_discontinuities.clone(),
             last_discontinuity: self.audit_last_discontinuity.clone(),
             write_failures: self.audit_write_failures.clone(),
+            recent: self.recent.clone(),
         }
     }
 

@@ -308,7 +308,7 @@ fn transport_error(e: &dyn std::error::Error, url: &reqwest::Url) -> String {
     text
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -186,12 +186,11 @@ async fn deliver(
     server: &EventServer,
     c: Claimed,
 ) {
+    let started = std::time::Instant::now();
     let (outcome, error) = send(g, server, c.package.clone()).await;
     shared
         .metrics
-        .event_deliveries
-        .with_label_values(&[&server.name, outcome])
-        .inc();
+        .record_delivery(&server.name, outcome, Some(started.elapsed()), &error);
     let settled = if outcome == delivery::DELIVERED {
         tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), "event delivered");
         Settled::Delivered
@@ -224,9 +223,7 @@ fn drop_event(
 ) {
     shared
         .metrics
-        .event_deliveries
-        .with_label_values(&[&server.name, delivery::DROPPED])
-        .inc();
+        .record_delivery(&server.name, delivery::DROPPED, None, error);
     tracing::error!(
         server = %server.name,
         event_id = %client::snippet(&c.event_id),
@@ -290,8 +287,12 @@ async fn send(g: &Generation, server: &EventServer, package: Vec<u8>) -> (&'stat
             delivery::TIMEOUT,
             format!("no answer within {} ms", server.timeout.as_millis()),
         ),
-        Ok(Err(e)) if e.is_timeout() => (delivery::TIMEOUT, e.to_string()),
-        Ok(Err(e)) => (delivery::TRANSPORT_ERROR, e.to_string()),
+        // Without the URL: a `user:pass@` in it must not reach the log, the store or the page.
+        Ok(Err(e)) if e.is_timeout() => (delivery::TIMEOUT, client::error_chain(&e.without_url())),
+        Ok(Err(e)) => (
+            delivery::TRANSPORT_ERROR,
+            client::error_chain(&e.without_url()),
+        ),
         Ok(Ok(s)) if s.is_success() => (delivery::DELIVERED, String::new()),
         Ok(Ok(s)) if s.is_client_error() && s.as_u16() != 408 && s.as_u16() != 429 => {
             (delivery::REFUSED, format!("HTTP {}", s.as_u16()))

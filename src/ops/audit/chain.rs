@@ -365,6 +365,7 @@ impl Chain {
                 self.unsealed_since = None;
                 self.last_checkpoint = Some(s.head());
                 self.metrics.seq.set(s.seq as i64);
+                self.metrics.recent.checkpoint(s.seq, &s.ts);
             }
             None => self.last_checkpoint = None,
         }

@@ -13,6 +13,16 @@ fn summary(d: &Downstream) -> ServerSummary {
     }
 }
 
+/// Lowercase hex SHA-256 of the config file's bytes `g` was loaded from (empty if unknown): the
+/// `sha256` of its `config` record.
+pub(crate) fn config_sha256(g: &Generation) -> String {
+    g.sources
+        .get(&g.path)
+        .flatten()
+        .map(|d| hex(&d))
+        .unwrap_or_default()
+}
+
 /// The body of the `config` record of `next`, loaded after `old` (`None`: at start-up).
 pub(crate) fn config_record(old: Option<&Generation>, next: &Generation, reason: &str) -> Vec<u8> {
     let before: &[std::sync::Arc<Downstream>] = old.map_or(&[], |o| &o.downstreams);
@@ -35,12 +45,7 @@ pub(crate) fn config_record(old: Option<&Generation>, next: &Generation, reason:
         .collect();
     let config = ConfigSummary {
         generation: next.number,
-        sha256: next
-            .sources
-            .get(&next.path)
-            .flatten()
-            .map(|d| hex(&d))
-            .unwrap_or_default(),
+        sha256: config_sha256(next),
         reason: reason.to_owned(),
         servers: next.downstreams.iter().map(|d| summary(d)).collect(),
         event_servers: next

@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use aws_lc_rs::digest;
 
-pub(crate) use config::{config_record, warn_if_weaker};
+pub(crate) use config::{config_record, config_sha256, warn_if_weaker};
 pub(crate) use records::{
     Alarm, AlarmRecord, EventDropped, EventDroppedRecord, EventRecord, EventSeen,
 };
@@ -73,6 +73,8 @@ pub(crate) struct AuditMetrics {
     /// happened (a counter found at 1 on the first scrape after a restart shows no increase).
     pub(crate) last_discontinuity: prometheus::Gauge,
     pub(crate) write_failures: prometheus::IntCounter,
+    /// Where the status page reads the last checkpoint from.
+    pub(crate) recent: Arc<crate::ops::status::Recent>,
 }
 
 /// Counts the requests that will write an audit record and have not yet, so that the writer
