@@ -12,7 +12,7 @@ use common::events::{event_body, post_event, tss_event, EventPeer};
 use common::gateway::{config_yaml, entry, entry_at, free_port, Gateway};
 use common::http::http;
 use common::keys::keys;
-use common::node::send;
+use common::node::{post_body, send};
 use common::requests::request;
 use common::tokens::contains_jwt;
 use common::until;
@@ -187,6 +187,34 @@ async fn the_page_shows_servers_decisions_alarms_and_no_secret() {
     assert!(seq.parse::<u64>().unwrap() >= 1, "the audit head seq");
     assert!(page.contains(r#"<meta http-equiv="refresh" content="5">"#));
     assert!(page.contains(r#"id="readiness">ready<"#));
+
+    // Anyone who reaches the listener can send junk: it is listed apart and cannot push the
+    // node's decisions off the page.
+    for i in 0..120 {
+        let reply = post_body(&gw.url(), format!("TSS_JWT_MSG=junk-{i}").into_bytes()).await;
+        assert_eq!(reply.response.status, 20);
+    }
+    let (_, _, page) = status_page(admin_addr).await;
+    let decisions =
+        &page[page.find(r#"id="decisions""#).unwrap()..page.find(r#"id="refused""#).unwrap()];
+    assert!(
+        decisions.contains("plain-1") && decisions.contains("&lt;script&gt;"),
+        "{decisions}"
+    );
+    assert!(
+        !decisions.contains("invalid token"),
+        "junk among the decisions"
+    );
+    assert!(
+        page.contains("120 request(s) refused since start-up"),
+        "the refusals counted"
+    );
+    let refused = &page[page.find(r#"id="refused""#).unwrap()..];
+    assert_eq!(
+        refused.matches("<tr>").count(),
+        1 + 10,
+        "header + the last 10 refusals"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,7 @@ async fn snapshot(shared: &Shared) -> Snapshot {
         servers,
         event_servers,
         decisions: shared.decisions.latest(),
+        refused: shared.decisions.refused(),
         audit,
         alarms,
     }

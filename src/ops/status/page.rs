@@ -37,6 +37,8 @@ pub(crate) struct Snapshot {
     pub(crate) event_servers: Vec<EventServerView>,
     /// Newest first.
     pub(crate) decisions: Vec<DecisionRow>,
+    /// Unverified callers refused since start-up, and the last of them (newest first).
+    pub(crate) refused: (u64, Vec<DecisionRow>),
     /// `None`: no audit log configured.
     pub(crate) audit: Option<AuditView>,
     pub(crate) alarms: Result<Vec<Alarm>, String>,
@@ -132,6 +134,7 @@ pub(crate) fn render(s: &Snapshot) -> String {
                 (event_servers(s))
                 h2 { "Last decisions" }
                 (decisions(s))
+                (refused(s))
                 h2 { "Config and audit" }
                 (config_and_audit(s))
             }
@@ -335,6 +338,36 @@ fn decisions(s: &Snapshot) -> Markup {
     }
 }
 
+/// Refusals of callers whose token did not verify: apart, so that junk cannot push the node's
+/// decisions off the page.
+fn refused(s: &Snapshot) -> Markup {
+    let (total, rows) = &s.refused;
+    if *total == 0 {
+        return html! {};
+    }
+    html! {
+        h2 { "Refused callers" }
+        p.meta {
+            (total) " request(s) refused since start-up before a token verified (status 20, or 10 "
+            "with no request read); the last " (rows.len()) ":"
+        }
+        div.scroll {
+            table id="refused" {
+                thead { tr { th { "Time" } th { "Status" } th { "Reason" } } }
+                tbody {
+                    @for d in rows {
+                        tr {
+                            td { (rfc3339(d.at)) }
+                            td { (d.status) " " span.meta { (status_word(d.status)) } }
+                            td.text { (scrub(&d.reason)) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn status_word(status: i64) -> &'static str {
     match status {
         0 => "ok",
@@ -501,6 +534,7 @@ mod tests {
                 reason: "risk: <b>no</b>".into(),
                 duplicate: false,
             }],
+            refused: (0, vec![]),
             audit: None,
             alarms: Ok(vec![]),
         }

@@ -20,6 +20,11 @@ pub(crate) const WINDOW_CAP: usize = 4096;
 /// Decisions the page lists.
 pub(crate) const DECISIONS: usize = 50;
 
+/// Refusals of callers whose token did not verify that the page lists, apart from the
+/// decisions: anyone who can reach the listener can send junk, and must not push the node's
+/// decisions off the page.
+pub(crate) const REFUSALS: usize = 10;
+
 /// Characters of a request id or a reason a decision row keeps.
 const ROW_TEXT: usize = 300;
 
@@ -89,10 +94,14 @@ pub(crate) struct DecisionRow {
     pub(crate) duplicate: bool,
 }
 
-/// The last [`DECISIONS`] decisions, newest last.
+/// The last [`DECISIONS`] decisions on requests whose token verified, newest last; apart from
+/// them the last [`REFUSALS`] refusals of unverified callers (status 20, or status 10 with no
+/// request read) and how many there were.
 #[derive(Debug, Default)]
 pub(crate) struct Decisions {
     ring: Mutex<VecDeque<DecisionRow>>,
+    refused: Mutex<VecDeque<DecisionRow>>,
+    refused_total: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -264,8 +273,18 @@ impl Decisions {
             reason: cut(reason),
             duplicate,
         };
-        let mut ring = lock(&self.ring);
-        if ring.len() >= DECISIONS {
+        // Nothing verified about the caller: a token that did not verify (20), or a request
+        // refused before its token was read (10 without a request id).
+        let unverified = status == 20 || (status == 10 && request_id.is_empty());
+        let (ring, cap) = if unverified {
+            self.refused_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (&self.refused, REFUSALS)
+        } else {
+            (&self.ring, DECISIONS)
+        };
+        let mut ring = lock(ring);
+        if ring.len() >= cap {
             ring.pop_front();
         }
         ring.push_back(row);
@@ -274,6 +293,17 @@ impl Decisions {
     /// The decisions kept, newest first.
     pub(crate) fn latest(&self) -> Vec<DecisionRow> {
         lock(&self.ring).iter().rev().cloned().collect()
+    }
+
+    /// How many unverified callers were refused since start-up, and the last of them, newest
+    /// first.
+    pub(crate) fn refused(&self) -> (u64, Vec<DecisionRow>) {
+        let rows = lock(&self.refused).iter().rev().cloned().collect();
+        (
+            self.refused_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+            rows,
+        )
     }
 }
 
@@ -325,6 +355,27 @@ mod tests {
         assert_eq!(rows.len(), DECISIONS);
         assert_eq!(rows[0].request_id.chars().count(), ROW_TEXT + 1);
         assert_eq!(rows[1].request_id, format!("req-{}", DECISIONS + 4));
+    }
+
+    #[test]
+    fn refusals_of_unverified_callers_never_push_decisions_out() {
+        let d = Decisions::default();
+        d.push("req-1", "key_sign", 0, "APPROVE", "", false);
+        d.push("req-2", "key_sign", 10, "REJECT", "bad payload", false);
+        for _ in 0..1000 {
+            d.push("", "unknown", 20, "REJECT", "token", false);
+            d.push("", "unknown", 10, "REJECT", "body too large", false);
+        }
+        let rows = d.latest();
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.request_id.as_str())
+                .collect::<Vec<_>>(),
+            ["req-2", "req-1"]
+        );
+        let (total, refused) = d.refused();
+        assert_eq!(total, 2000);
+        assert_eq!(refused.len(), REFUSALS);
     }
 
     #[test]
