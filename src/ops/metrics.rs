@@ -270,6 +270,10 @@ impl Metrics {
             ),
             registry: r,
         };
+        // The trace exporter is one per process: its counter is shown by every registry.
+        let _ = m
+            .registry
+            .register(Box::new(crate::ops::traces::SPANS_DROPPED.clone()));
         m.start_at_zero();
         m
     }
