@@ -603,7 +603,7 @@ fn log_decision(
                 servers = %servers.join(","),
                 duplicate = a.duplicate,
                 error = %error,
-                trace_id,
+                trace_id = trace_id.map(tracing::field::display),
                 $($k = $v,)*
                 "decision"
             )

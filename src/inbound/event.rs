@@ -71,7 +71,7 @@ pub(crate) async fn event(
         .instrument(root.clone())
         .await;
     if !root.is_disabled() {
-        root.record("http.status_code", response.status().as_u16());
+        root.record("http.status_code", i64::from(response.status().as_u16()));
         if !response.status().is_success() {
             root.record("otel.status_code", "ERROR");
         }
@@ -260,7 +260,7 @@ async fn receive(
         request_id = %client::snippet(event.request_id.as_deref().unwrap_or_default()),
         servers = servers.len(),
         duplicate = !new,
-        trace_id = traces::trace_id(&span).as_deref(),
+        trace_id = traces::trace_id(&span).map(tracing::field::display),
         "event recorded"
     );
     Ok(event.event_type)

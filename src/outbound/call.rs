@@ -91,7 +91,7 @@ impl Attempt {
                 otel.kind = "client",
                 server = %ds.name,
                 mode = ds.mode.as_str(),
-                attempt = n + 1,
+                attempt = i64::from(n) + 1,
                 retry = n > 0,
                 http.version = tracing::field::Empty,
                 outcome = tracing::field::Empty,
@@ -148,7 +148,7 @@ fn log_answer(ds: &Downstream, raw: &RawAnswer, span: &tracing::Span) {
         http_status = raw.status,
         hint = %hint,
         body = %client::body_excerpt(&raw.body),
-        trace_id = crate::ops::traces::trace_id(span).as_deref(),
+        trace_id = crate::ops::traces::trace_id(span).map(tracing::field::display),
         "downstream answered without a usable signed token (logged at most once a minute per server)"
     );
 }

@@ -218,7 +218,7 @@ async fn deliver(
         .with_label_values(&[&server.name, outcome])
         .inc();
     let settled = if outcome == delivery::DELIVERED {
-        tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), trace_id, "event delivered");
+        tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), trace_id = trace_id.map(tracing::field::display), "event delivered");
         Settled::Delivered
     } else {
         let attempts = c.attempts + 1;
@@ -228,7 +228,7 @@ async fn deliver(
             drop_event(shared, g, server, &c, attempts, &error, trace_id);
             Settled::Dropped { error }
         } else {
-            tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), attempts, error = %error, trace_id, "event not delivered; will retry");
+            tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), attempts, error = %error, trace_id = trace_id.map(tracing::field::display), "event not delivered; will retry");
             Settled::Retry { at_ms, error }
         }
     };
@@ -258,7 +258,7 @@ fn drop_event(
         event_id = %client::snippet(&c.event_id),
         attempts,
         error = %client::snippet(error),
-        trace_id,
+        trace_id = trace_id.map(tracing::field::display),
         "event dropped: not delivered within event_retry_hours"
     );
     if let Some(audit) = shared.audit.load_full() {

@@ -112,7 +112,7 @@ fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize
             server = %v.server,
             outcome = v.outcome.as_str(),
             duration_ms = v.duration.as_millis() as u64,
-            trace_id = crate::ops::traces::trace_id(&out.span).as_deref(),
+            trace_id = crate::ops::traces::trace_id(&out.span).map(tracing::field::display),
             "shadow verdict"
         );
         filled.finish(v);
