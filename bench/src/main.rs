@@ -647,17 +647,18 @@ async fn scenario_b(k: &Keys, quick: bool, floor5: f64) -> Vec<Row> {
 
 /// (T) What traces cost: N=5 at 0 ms, closed loop, HTTP/1.1, without `tracing:`, with
 /// `sample_ratio` 0 and 1 (spans to an OTLP sink in this process that answers 200 to anything).
-/// Three rounds each; the median CPU per request is reported.
+/// The three gateways run side by side and their rounds alternate, so that whatever else the
+/// machine does falls on all three alike; three rounds each, the median CPU per request reported.
 async fn scenario_t(k: &Keys, quick: bool) -> Vec<Row> {
     let sink = otlp_sink().await;
-    let mut rows = Vec::new();
-    for (label, tracing) in [
+    let configs = [
         ("no tracing", None),
         ("sample_ratio 0", Some((0.0, sink))),
         ("sample_ratio 1", Some((1.0, sink))),
-    ] {
-        let opts = Opts { tracing, ..H1 };
-        let s = setup(k, 5, Duration::ZERO, false, 5000, opts).await;
+    ];
+    let mut setups = Vec::new();
+    for (label, tracing) in configs {
+        let s = setup(k, 5, Duration::ZERO, false, 5000, Opts { tracing, ..H1 }).await;
         closed_loop(
             &s.url,
             &k.gateway_pub,
@@ -665,9 +666,11 @@ async fn scenario_t(k: &Keys, quick: bool) -> Vec<Row> {
             conc(),
         )
         .await;
-        let count = if quick { 1024 } else { 2048 };
-        let mut rounds = Vec::new();
-        for round in 0..3 {
+        setups.push((label, s, Vec::new()));
+    }
+    let count = if quick { 1024 } else { 2048 };
+    for round in 0..3 {
+        for (label, s, rounds) in setups.iter_mut() {
             let tokens = presign(k, &format!("t{label}-{round}"), count);
             let before = proc_stats(s.child.id()).0;
             let r = closed_loop(&s.url, &k.gateway_pub, tokens, conc()).await;
@@ -680,11 +683,16 @@ async fn scenario_t(k: &Keys, quick: bool) -> Vec<Row> {
                 String::new(),
             ));
         }
+    }
+    let mut rows = Vec::new();
+    for (_, _, mut rounds) in setups {
         rounds.sort_by(|a, b| a.cpu_us.unwrap_or(0.0).total_cmp(&b.cpu_us.unwrap_or(0.0)));
         let spread = format!(
-            "rounds {:.0}–{:.0} µs",
+            "rounds {:.0}–{:.0} µs, p50 {:.1}–{:.1} ms",
             rounds[0].cpu_us.unwrap_or(f64::NAN),
-            rounds[2].cpu_us.unwrap_or(f64::NAN)
+            rounds[2].cpu_us.unwrap_or(f64::NAN),
+            rounds.iter().map(|r| r.p50).fold(f64::INFINITY, f64::min),
+            rounds.iter().map(|r| r.p50).fold(0.0, f64::max),
         );
         let mut row = rounds.swap_remove(1);
         row.target = spread;
