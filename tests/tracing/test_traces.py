@@ -217,3 +217,26 @@ def test_reload_applies_sample_ratio_at_once_and_the_endpoint_at_restart(world, 
     assert trace_id_of(got["traceparent"])[2] == "00"
     # The running exporter still sends to Jaeger: the trace from before the reload is there.
     jaeger.wait_trace(before[0], lambda s: s.named("callback"))
+
+
+def test_jaeger_killed_mid_test_changes_no_decision(world, tmp_path):
+    from jaeger import Jaeger
+
+    (tmp_path / "own-jaeger").mkdir()
+    own = Jaeger(tmp_path / "own-jaeger").start()
+    try:
+        record = world.downstream("risk")
+        gw = world.gateway("killed", own.otlp_endpoint)
+        assert world.send(gw, "key_sign", "req-alive")[1].action == "APPROVE"
+        (got,) = records_for(record, "req-alive")
+        own.wait_trace(trace_id_of(got["traceparent"])[0], lambda s: s.named("callback"))
+        own.stop()
+        for i in range(20):
+            started = time.time()
+            status, resp = world.send(gw, "key_sign", f"req-after-kill-{i}")
+            assert (status, resp.status, resp.action) == (200, 0, "APPROVE")
+            assert time.time() - started < 1.0
+        until(15, "dropped spans counted",
+              lambda: metric(gw.metrics(), "tss_gateway_trace_spans_dropped_total", reason="export_failed") >= 20)
+    finally:
+        own.stop()
