@@ -2,7 +2,7 @@
 # The benchmark: gateway process + in-process downstreams + baselines; prints a Markdown table.
 #   bash scripts/bench.sh            # full run (~5 minutes)
 #   bash scripts/bench.sh --quick    # a few seconds per scenario
-#   bash scripts/bench.sh --only AB  # some scenarios (A, B, C, D, E)
+#   bash scripts/bench.sh --only AB  # some scenarios (A, B, C, D, E; T: what traces cost)
 # The benchmark is the workspace member bench/ (not installed with the gateway); it runs the
 # release gateway binary built beside it.
 set -euo pipefail

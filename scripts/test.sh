@@ -81,12 +81,23 @@ started=$SECONDS
 (cd tests/gopeers && go build -buildvcs=false -o "$GOPEERS_BIN/" ./...)
 echo "Go peers built in $((SECONDS - started)) s"
 
-# --- Python: Cobo SDK callback and event servers, TSS Node client, PostgreSQL; real Prometheus
+# --- Jaeger (v2 all-in-one, pinned in tests/jaeger/go.mod) for tests/tracing, built once and reused
+export JAEGER_BIN=$target_dir/jaeger/jaeger
+if [[ ! -x $JAEGER_BIN ]]; then
+  log "go build github.com/jaegertracing/jaeger/cmd/jaeger -> $JAEGER_BIN"
+  started=$SECONDS
+  (cd tests/jaeger && go build -buildvcs=false -o "$JAEGER_BIN" github.com/jaegertracing/jaeger/cmd/jaeger)
+  echo "Jaeger built in $((SECONDS - started)) s"
+else
+  echo "Jaeger: reusing $JAEGER_BIN"
+fi
+
+# --- Python: Cobo SDK callback and event servers, TSS Node client, PostgreSQL; real Prometheus, real Jaeger
 export GATEWAY_BIN=$target_dir/release/tss-callback-gateway
 # Screenshots of the status page (tests/status) stay here after the run.
 export ARTIFACTS_DIR=$target_dir/test-artifacts
 suites=()
-for d in tests/interop tests/events tests/observability tests/status; do
+for d in tests/interop tests/events tests/observability tests/tracing tests/status; do
   compgen -G "$d/test_*.py" >/dev/null && suites+=("$d")
 done
 if ((${#suites[@]})); then

@@ -155,6 +155,29 @@ pub struct Config {
     /// How long the approvals index keeps an approval for reconciliation.
     #[serde(default = "default_approval_retention_days")]
     pub approval_retention_days: u64,
+    /// OpenTelemetry traces over OTLP/HTTP; absent: no exporter, spans cost nothing.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `tracing:` — where spans go and how many traces are kept.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's base URL, as `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to
+    /// `<base>/v1/traces`. May hold credentials: print it only through [`redact_address`].
+    pub otlp_endpoint: String,
+    /// The share of traces recorded, 0.0 to 1.0 (by trace id, so every service with the same
+    /// ratio keeps the same traces).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+}
+
+impl TracingConfig {
+    /// Where spans are posted: `<otlp_endpoint>/v1/traces`.
+    pub fn traces_url(&self) -> String {
+        format!("{}/v1/traces", self.otlp_endpoint.trim_end_matches('/'))
+    }
 }
 
 /// One event server: it gets the node's events, re-signed by the gateway.
@@ -298,6 +321,9 @@ fn default_event_retry_hours() -> u64 {
 }
 fn default_approval_retention_days() -> u64 {
     30
+}
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 fn default_event_timeout_ms() -> u64 {
     5000
@@ -496,6 +522,24 @@ impl Config {
             s.check(&at, self.deadline_ms)?;
         }
         self.check_events()?;
+        if let Some(t) = &self.tracing {
+            check_http_url(&t.otlp_endpoint, "tracing.otlp_endpoint")?;
+            let redacted = redact_address(&t.otlp_endpoint);
+            if let Ok(u) = reqwest::Url::parse(&t.otlp_endpoint) {
+                if u.query().is_some() || u.fragment().is_some() {
+                    return Err((
+                        "tracing.otlp_endpoint".into(),
+                        format!("{redacted:?}: a base URL without query or fragment (spans go to <base>/v1/traces)"),
+                    ));
+                }
+            }
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                return Err((
+                    "tracing.sample_ratio".into(),
+                    format!("{} must be between 0.0 and 1.0", t.sample_ratio),
+                ));
+            }
+        }
         let enforcing = self
             .callback_servers
             .iter()

@@ -624,6 +624,14 @@ impl Generation {
             )),
             None => out.push_str("  state store: none (no approvals index)\n"),
         }
+        match &c.tracing {
+            Some(t) => out.push_str(&format!(
+                "  traces: OTLP/HTTP to {}  sample_ratio {}\n",
+                crate::config::redact_address(&t.traces_url()),
+                t.sample_ratio
+            )),
+            None => out.push_str("  traces: off (no tracing)\n"),
+        }
         out
     }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tss_callback_gateway::config::Config;
 use tss_callback_gateway::generation::Generation;
 use tss_callback_gateway::inbound::listener;
+use tss_callback_gateway::ops::traces;
 use tss_callback_gateway::protocol::keys::{self, Signer, Verifier};
 use tss_callback_gateway::protocol::RequestType;
 use tss_callback_gateway::tools::probe::{self, Payload, Probe};
@@ -141,19 +142,30 @@ enum LogFormat {
     Json,
 }
 
-fn init_logs(format: LogFormat, default_level: &str) {
+fn init_logs(format: LogFormat, default_level: &str, traces: Option<&traces::Exporter>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
+    // The spans made for traces are never log lines (nor a prefix of them), whatever RUST_LOG says.
+    let filter = match format!("{}=off", traces::TARGET).parse() {
+        Ok(off) => filter.add_directive(off),
+        Err(_) => filter,
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match format {
         // Colour codes are for a terminal; in a file or a log pipeline they are noise.
-        LogFormat::Text => builder
+        LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(traces.map(|t| t.layer()))
+        .init();
 }
 
 /// What a subcommand ends with: its exit code, or an error printed as `error: ...` (exit 2).
@@ -221,13 +233,28 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, String> {
 
 /// `run`: serve until SIGTERM/SIGINT; exit 0 after a clean shutdown.
 fn run(config: &Path, log_format: LogFormat) -> Exit {
-    init_logs(log_format, "info");
-    async_runtime()?
-        .block_on(listener::run(config))
-        .map_err(|e| {
-            tracing::error!("{e}");
-            e.to_string()
-        })?;
+    let runtime = async_runtime()?;
+    // The exporter is part of the log subscriber, so it starts before the config is served; a
+    // config that does not load is refused by `listener::run` below, with the usual message.
+    let exporter = match Config::load(config) {
+        Ok(c) => match &c.tracing {
+            Some(t) => Some(
+                traces::Exporter::start(t, &c.service_name, runtime.handle().clone())
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        },
+        Err(_) => None,
+    };
+    init_logs(log_format, "info", exporter.as_ref());
+    let served = runtime.block_on(listener::run(config)).map_err(|e| {
+        tracing::error!("{e}");
+        e.to_string()
+    });
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -273,7 +300,7 @@ fn probe(
     payload: PayloadArg,
     timeout: Duration,
 ) -> Exit {
-    init_logs(LogFormat::Text, "warn");
+    init_logs(LogFormat::Text, "warn", None);
     let payload = match payload {
         PayloadArg::File(path) => Payload::File(path),
         PayloadArg::Type(t) => Payload::Sample(probe::parse_type(&t).map_err(|e| e.to_string())?),
@@ -303,6 +330,7 @@ fn demo() -> Exit {
     init_logs(
         LogFormat::Text,
         "warn,tss_callback_gateway::inbound::check=error",
+        None,
     );
     async_runtime()?
         .block_on(demo::run())

@@ -338,3 +338,51 @@ fn the_summary_shows_admin_listen_audit_log_and_key_fingerprints() {
     }
     assert!(!out.contains("generation"), "{out}");
 }
+
+/// `tracing:` is validated like every other field: unknown keys, the ratio's bounds, an http(s)
+/// URL; credentials in the endpoint are never printed, in refusals or in the summary.
+#[test]
+fn tracing_is_validated_naming_the_field_and_never_showing_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |tracing: &str| write_config(dir.path(), free_port(), tracing);
+    both_refuse(
+        &with("tracing:\n  otlp_endpoint: http://127.0.0.1:4318\n  sample_rate: 0.5"),
+        &["tracing", "sample_rate"],
+    );
+    both_refuse(
+        &with("tracing:\n  otlp_endpoint: http://127.0.0.1:4318\n  sample_ratio: 1.5"),
+        &["tracing.sample_ratio", "between 0.0 and 1.0"],
+    );
+    both_refuse(
+        &with("tracing:\n  otlp_endpoint: http://127.0.0.1:4318\n  sample_ratio: -0.1"),
+        &["tracing.sample_ratio"],
+    );
+    both_refuse(
+        &with("tracing:\n  otlp_endpoint: ftp://collector:4318"),
+        &["tracing.otlp_endpoint", "http or https"],
+    );
+    both_refuse(&with("tracing:\n  sample_ratio: 0.5"), &["otlp_endpoint"]);
+    let secret = with("tracing:\n  otlp_endpoint: http://otel:s3cret@collector:bad-port");
+    both_refuse(&secret, &["tracing.otlp_endpoint", "***@"]);
+    let out = gateway(&["check-config", "-c", secret.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("s3cret"));
+
+    let ok = with(
+        "tracing:\n  otlp_endpoint: https://otel:s3cret@collector.example:4318/\n  sample_ratio: 0.25",
+    );
+    let out = gateway(&["check-config", "-c", ok.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(
+            "traces: OTLP/HTTP to https://***@collector.example:4318/v1/traces  sample_ratio 0.25"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("s3cret"), "{said}");
+    let off = with("");
+    let said =
+        String::from_utf8_lossy(&gateway(&["check-config", "-c", off.to_str().unwrap()]).stdout)
+            .to_string();
+    assert!(said.contains("traces: off"), "{said}");
+}

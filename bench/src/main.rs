@@ -2,7 +2,7 @@
 //! downstream servers of configurable latency on loopback, driven with pre-signed unique
 //! requests, beside the baselines a user would compare it with. Prints one table.
 //!
-//!     bash scripts/bench.sh [--quick] [--only ABCDE]   (builds the gateway and this member)
+//!     bash scripts/bench.sh [--quick] [--only ABCDET]   (builds the gateway and this member)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -112,15 +112,19 @@ struct Opts {
     /// `http2:` of every server (`never` = HTTP/1.1, `always` = h2c to the sample servers).
     http2: &'static str,
     max_in_flight: usize,
+    /// `tracing:`: the sample ratio and the port of an OTLP sink.
+    tracing: Option<(f64, u16)>,
 }
 
 const H1: Opts = Opts {
     http2: "never",
     max_in_flight: 1024,
+    tracing: None,
 };
 const H2: Opts = Opts {
     http2: "always",
     max_in_flight: 1024,
+    tracing: None,
 };
 
 /// The README's peak-RSS formula, in MB: fixed + per request in flight (its inbound connection
@@ -184,8 +188,11 @@ async fn setup(
     std::fs::write(
         &config,
         format!(
-            "listen: 127.0.0.1:{port}\ntss_node_public_key: node-pub.key\ngateway_private_key: gateway-pri.pem\nhealth_check_interval_ms: 0\ndeadline_ms: 8000\nmax_in_flight: {}\nmax_connections: 8192\ncallback_servers:\n{servers}",
-            opts.max_in_flight
+            "listen: 127.0.0.1:{port}\ntss_node_public_key: node-pub.key\ngateway_private_key: gateway-pri.pem\nhealth_check_interval_ms: 0\ndeadline_ms: 8000\nmax_in_flight: {}\nmax_connections: 8192\n{}callback_servers:\n{servers}",
+            opts.max_in_flight,
+            opts.tracing.map_or_else(String::new, |(ratio, sink)| format!(
+                "tracing:\n  otlp_endpoint: http://127.0.0.1:{sink}\n  sample_ratio: {ratio}\n"
+            )),
         ),
     )
     .unwrap();
@@ -488,6 +495,9 @@ async fn run(quick: bool, secs: f64, only: Option<String>) {
     if on("D") {
         rows.push(scenario_d(&k, quick).await);
     }
+    if on("T") {
+        rows.extend(scenario_t(&k, quick).await);
+    }
     let overload_note = if on("E") {
         scenario_e(&k).await
     } else {
@@ -635,6 +645,99 @@ async fn scenario_b(k: &Keys, quick: bool, floor5: f64) -> Vec<Row> {
     rows
 }
 
+/// (T) What traces cost: N=5 at 0 ms, closed loop, HTTP/1.1, without `tracing:`, with
+/// `sample_ratio` 0 and 1 (spans to an OTLP sink in this process that answers 200 to anything).
+/// The three gateways run side by side and their rounds alternate, so that whatever else the
+/// machine does falls on all three alike; three rounds each, the median CPU per request reported.
+async fn scenario_t(k: &Keys, quick: bool) -> Vec<Row> {
+    let sink = otlp_sink().await;
+    let configs = [
+        ("no tracing", None),
+        ("sample_ratio 0", Some((0.0, sink))),
+        ("sample_ratio 1", Some((1.0, sink))),
+    ];
+    let mut setups = Vec::new();
+    for (label, tracing) in configs {
+        let s = setup(k, 5, Duration::ZERO, false, 5000, Opts { tracing, ..H1 }).await;
+        closed_loop(
+            &s.url,
+            &k.gateway_pub,
+            presign(k, &format!("t{label}-warm"), 256),
+            conc(),
+        )
+        .await;
+        setups.push((label, s, Vec::new()));
+    }
+    let count = if quick { 1024 } else { 2048 };
+    for round in 0..3 {
+        for (label, s, rounds) in setups.iter_mut() {
+            let tokens = presign(k, &format!("t{label}-{round}"), count);
+            let before = proc_stats(s.child.id()).0;
+            let r = closed_loop(&s.url, &k.gateway_pub, tokens, conc()).await;
+            rounds.push(measured(
+                &format!("T closed loop c={} HTTP/1.1, {label}", conc()),
+                5,
+                0,
+                &r,
+                Some((before, s.child.id())),
+                String::new(),
+            ));
+        }
+    }
+    let mut rows = Vec::new();
+    for (_, _, mut rounds) in setups {
+        rounds.sort_by(|a, b| a.cpu_us.unwrap_or(0.0).total_cmp(&b.cpu_us.unwrap_or(0.0)));
+        let spread = format!(
+            "rounds {:.0}–{:.0} µs, p50 {:.1}–{:.1} ms",
+            rounds[0].cpu_us.unwrap_or(f64::NAN),
+            rounds[2].cpu_us.unwrap_or(f64::NAN),
+            rounds.iter().map(|r| r.p50).fold(f64::INFINITY, f64::min),
+            rounds.iter().map(|r| r.p50).fold(0.0, f64::max),
+        );
+        let mut row = rounds.swap_remove(1);
+        row.target = spread;
+        rows.push(row);
+    }
+    let base = rows[0].cpu_us.unwrap_or(f64::NAN);
+    let base_p50 = rows[0].p50;
+    for row in rows.iter_mut().skip(1) {
+        row.target = format!(
+            "CPU {:+.0} µs/req ({:+.1}%), p50 {:+.2} ms over no tracing ({})",
+            row.cpu_us.unwrap_or(f64::NAN) - base,
+            (row.cpu_us.unwrap_or(f64::NAN) / base - 1.0) * 100.0,
+            row.p50 - base_p50,
+            row.target
+        );
+    }
+    rows
+}
+
+/// An OTLP/HTTP collector stand-in: answers every request 200 with an empty body, after reading
+/// it whole. Returns its port.
+async fn otlp_sink() -> u16 {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Empty::<hyper::body::Bytes>::new(),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
 /// (C) 1,000 requests in flight, N=5, HTTP/2 and HTTP/1.1 downstreams.
 async fn scenario_c(k: &Keys) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -716,6 +819,7 @@ async fn flood_e(k: &Keys, limit: usize) -> (String, f64) {
     let opts = Opts {
         http2: "never",
         max_in_flight: limit,
+        tracing: None,
     };
     let s = setup(k, n, Duration::from_millis(1000), false, 5000, opts).await;
     let before = proc_stats(s.child.id()).0;

@@ -10,6 +10,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::body::{form_token, read_body};
 use super::conn::ConnRef;
@@ -19,6 +21,7 @@ use crate::config::Mode;
 use crate::generation::{Audience, Downstream, Generation};
 use crate::ops::audit::{AuditRecord, Shadow, Ticket};
 use crate::ops::metrics::Metrics;
+use crate::ops::traces::{self, TARGET as TRACES};
 use crate::outbound::{client, fanout, Outbound};
 use crate::protocol::{self, CallbackRequest, CallbackResponse, RequestType, Status};
 use crate::rules::RuleVerdict;
@@ -71,8 +74,34 @@ impl Drop for InFlight {
 }
 
 /// `POST /v2/check` and `/v1/check`: one callback, answered with a token signed by the gateway.
+/// With `tracing:`, the callback is the root span of its trace (the child of the node's
+/// `traceparent`, if it sent one).
 pub(crate) async fn check(
     State(shared): State<Arc<Shared>>,
+    conn: Option<Extension<ConnRef>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let root = tracing::info_span!(
+        target: TRACES,
+        "callback",
+        otel.kind = "server",
+        "type" = Empty,
+        request_id = Empty,
+        decision = Empty,
+        status = Empty,
+        outcome = Empty,
+        duplicate = Empty,
+        otel.status_code = Empty,
+    );
+    traces::adopt(&root, &headers);
+    answer_callback(shared, conn, headers, body)
+        .instrument(root)
+        .await
+}
+
+async fn answer_callback(
+    shared: Arc<Shared>,
     conn: Option<Extension<ConnRef>>,
     headers: HeaderMap,
     body: Body,
@@ -131,10 +160,14 @@ pub(crate) async fn check(
             "request body not received within read_timeout_ms".into(),
         ),
     };
-    index_approval(&shared, &g, &mut answer, deadline).await;
+    index_approval(&shared, &g, &mut answer, deadline)
+        .instrument(tracing::info_span!(target: TRACES, "approvals_index"))
+        .await;
     let elapsed = started.elapsed();
     let kind = protocol::type_name(answer.code);
-    audit(&shared, &g, &mut answer, kind, elapsed, ticket, deadline).await;
+    audit(&shared, &g, &mut answer, kind, elapsed, ticket, deadline)
+        .instrument(tracing::info_span!(target: TRACES, "audit_write"))
+        .await;
     release_late_shadows(&shared, &answer);
     shared
         .metrics
@@ -146,7 +179,16 @@ pub(crate) async fn check(
         .request_duration
         .with_label_values(&[kind])
         .observe(elapsed.as_secs_f64());
-    log_decision(&answer, kind, elapsed, conn.as_ref().map(|c| c.peer));
+    let root = tracing::Span::current();
+    record_decision(&root, &answer, kind);
+    let trace_id = traces::trace_id(&root);
+    log_decision(
+        &answer,
+        kind,
+        elapsed,
+        conn.as_ref().map(|c| c.peer),
+        trace_id.as_deref(),
+    );
     shared.decisions.push(
         &answer.request_id,
         kind,
@@ -175,7 +217,9 @@ pub(crate) async fn check(
                 answer.decision.error,
             );
             let json = serde_json::to_vec(&response).unwrap_or_default();
-            g.sign(Audience::Node, json).await
+            g.sign(Audience::Node, json)
+                .instrument(tracing::info_span!(target: TRACES, "sign_answer"))
+                .await
         }
     };
     // The token is base64url and dots only, so quoting it makes a valid JSON string.
@@ -362,7 +406,9 @@ fn parse_request(g: &Generation, body: Bytes) -> Result<(CallbackRequest, Vec<u8
 
 /// Token, payload, rules, fan-out: the decision table of CONTRACT.md section 6, in its order.
 async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: Instant) -> Answer {
-    let (request, package) = match parse_request(g, body) {
+    let parsed =
+        tracing::info_span!(target: TRACES, "token_check").in_scope(|| parse_request(g, body));
+    let (request, package) = match parsed {
         Ok(parsed) => parsed,
         Err(answer) => return *answer,
     };
@@ -376,6 +422,8 @@ async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: 
     };
     let digest = dedup::digest(&package);
     let ttl = Duration::from_secs(g.config.token_expire_minutes * 60);
+    // Not entered: the evaluation it may run is the callback's child, not this span's.
+    let memory = tracing::info_span!(target: TRACES, "duplicate_memory", result = Empty);
     let lookup = shared
         .dedup
         .run(
@@ -390,6 +438,15 @@ async fn decide_request(shared: &Shared, g: &Generation, body: Bytes, deadline: 
             move || async move { Arc::new(evaluate(shared, g, request, package, deadline).await) },
         )
         .await;
+    memory.record(
+        "result",
+        match &lookup {
+            Lookup::Conflict => "conflict",
+            Lookup::Done { shared: true, .. } => "shared",
+            Lookup::Done { .. } => "evaluated",
+        },
+    );
+    drop(memory);
     match lookup {
         Lookup::Conflict => {
             tracing::warn!(
@@ -432,8 +489,13 @@ async fn evaluate(
     let code = request.request_type;
     let kind = RequestType::from_code(code);
     let detail = request.request_detail.as_deref().unwrap_or("");
-    let rules = g.config.embedded_risk_control_rules.check(code, detail);
+    let rules_span = tracing::info_span!(target: TRACES, "embedded_rules", verdict = Empty);
+    let rules = rules_span.in_scope(|| g.config.embedded_risk_control_rules.check(code, detail));
     let embedded = Embedded::from(&rules);
+    if !rules_span.is_disabled() {
+        rules_span.record("verdict", tracing::field::display(&embedded));
+    }
+    drop(rules_span);
     let CallbackRequest { request_id, .. } = request;
     let mut servers = g.subscribers(kind).peekable();
     let (decision, verdicts, late) = if matches!(rules, RuleVerdict::Reject(_)) {
@@ -447,11 +509,16 @@ async fn evaluate(
         (decide(&rules, &[]), Vec::new(), Vec::new())
     } else {
         // One signature for all downstreams: they all get the node's exact bytes.
+        let token = g
+            .sign(Audience::Downstreams, package)
+            .instrument(tracing::info_span!(target: TRACES, "sign_request"))
+            .await;
         let out = Outbound {
-            form: client::form_body(&g.sign(Audience::Downstreams, package).await),
+            form: client::form_body(&token),
             request_id: request_id.into(),
             kind,
             deadline,
+            span: tracing::Span::current(),
         };
         ask_downstreams(
             &shared.metrics,
@@ -507,7 +574,13 @@ fn salvage_ids(package: &[u8]) -> (String, Option<i64>) {
 /// refused token (status 20, with the caller's address). Refusals are what junk and attacks
 /// produce, so at most [`REFUSAL_LOGS_PER_SECOND`] are logged a second; the next one logged
 /// says how many were not.
-fn log_decision(a: &Answer, kind: &str, elapsed: Duration, peer: Option<std::net::SocketAddr>) {
+fn log_decision(
+    a: &Answer,
+    kind: &str,
+    elapsed: Duration,
+    peer: Option<std::net::SocketAddr>,
+    trace_id: Option<&str>,
+) {
     let servers: Vec<String> = a
         .verdicts
         .iter()
@@ -539,6 +612,7 @@ fn log_decision(a: &Answer, kind: &str, elapsed: Duration, peer: Option<std::net
                 servers = %servers.join(","),
                 duplicate = a.duplicate,
                 error = %error,
+                trace_id = trace_id.map(tracing::field::display),
                 $($k = $v,)*
                 "decision"
             )
@@ -555,6 +629,24 @@ fn log_decision(a: &Answer, kind: &str, elapsed: Duration, peer: Option<std::net
         }
         Status::InternalError => decision!(warn),
         _ => decision!(info),
+    }
+}
+
+/// The decision on the callback's root span: `type`, `request_id`, `decision`, `status`,
+/// `duplicate`; an answer that is not status 0 marks the span as an error.
+fn record_decision(root: &tracing::Span, a: &Answer, kind: &'static str) {
+    if root.is_disabled() {
+        return;
+    }
+    root.record("type", kind);
+    root.record("request_id", client::snippet(&a.request_id).as_str());
+    root.record("decision", a.decision.action.as_str());
+    root.record("status", a.decision.status.code());
+    // As in `tss_gateway_requests_total`: the dashboard's trace links filter on it.
+    root.record("outcome", a.decision.metric_label());
+    root.record("duplicate", a.duplicate);
+    if a.decision.status != Status::Ok {
+        root.record("otel.status_code", "ERROR");
     }
 }
 

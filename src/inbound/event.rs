@@ -15,6 +15,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::body::{form_token, read_body};
 use super::conn::ConnRef;
@@ -22,6 +24,7 @@ use crate::generation::Generation;
 use crate::ops::audit::{EventRecord, EventSeen};
 use crate::ops::metrics::event_outcome;
 use crate::ops::reconcile::{self, Check};
+use crate::ops::traces::{self, TARGET as TRACES};
 use crate::outbound::client;
 use crate::protocol::event::Event;
 use crate::protocol::{self, keys::Verifier};
@@ -44,9 +47,40 @@ fn refuse(http: StatusCode, outcome: &'static str, text: String) -> Refusal {
     }
 }
 
-/// The handler.
+/// The handler. With `tracing:`, each event is the root span of its trace (the child of the
+/// node's `traceparent`, if any); its deliveries join that trace later (see
+/// [`crate::outbound::events`]).
 pub(crate) async fn event(
     State(shared): State<Arc<Shared>>,
+    conn: Option<Extension<ConnRef>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let root = tracing::info_span!(
+        target: TRACES,
+        "event",
+        otel.kind = "server",
+        event_id = Empty,
+        event_type = Empty,
+        request_id = Empty,
+        http.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    traces::adopt(&root, &headers);
+    let response = take_event(shared, conn, headers, body)
+        .instrument(root.clone())
+        .await;
+    if !root.is_disabled() {
+        root.record("http.status_code", i64::from(response.status().as_u16()));
+        if !response.status().is_success() {
+            root.record("otel.status_code", "ERROR");
+        }
+    }
+    response
+}
+
+async fn take_event(
+    shared: Arc<Shared>,
     conn: Option<Extension<ConnRef>>,
     headers: HeaderMap,
     body: Body,
@@ -146,6 +180,14 @@ async fn receive(
     };
     let (event, package) = parse(verifier, &body)?;
     drop(body);
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("event_id", client::snippet(&event.event_id).as_str());
+        span.record("event_type", client::snippet(&event.event_type).as_str());
+        if let Some(id) = &event.request_id {
+            span.record("request_id", client::snippet(id).as_str());
+        }
+    }
     let failed = |text: String| Refusal {
         http: StatusCode::SERVICE_UNAVAILABLE,
         outcome: event_outcome::FAILED,
@@ -169,8 +211,15 @@ async fn receive(
         .filter(|s| s.wants(&event.event_type))
         .map(|s| &*s.name)
         .collect();
+    let traceparent = traces::traceparent(&span);
     let new = store
-        .record_event(&event.event_id, &event.event_type, &package, &servers)
+        .record_event(
+            &event.event_id,
+            &event.event_type,
+            &package,
+            &servers,
+            traceparent.as_deref(),
+        )
         .await
         .map_err(|e| failed(format!("state store unavailable: {e}")))?;
     let audited = match shared.audit.load_full() {
@@ -211,6 +260,7 @@ async fn receive(
         request_id = %client::snippet(event.request_id.as_deref().unwrap_or_default()),
         servers = servers.len(),
         duplicate = !new,
+        trace_id = traces::trace_id(&span).map(tracing::field::display),
         "event recorded"
     );
     Ok(event.event_type)

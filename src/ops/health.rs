@@ -85,6 +85,7 @@ impl Health {
                     kind: Some(RequestType::Ping),
                     // The server's own timeout, from when its Ping is ready to go.
                     deadline: Instant::now() + ds.timeout,
+                    span: tracing::Span::none(),
                 };
                 (ds.name.clone(), call(ds, &shared.metrics, &out).await)
             }

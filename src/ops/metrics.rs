@@ -274,6 +274,10 @@ impl Metrics {
             recent: Arc::default(),
             registry: r,
         };
+        // The trace exporter is one per process: its counter is shown by every registry.
+        let _ = m
+            .registry
+            .register(Box::new(crate::ops::traces::SPANS_DROPPED.clone()));
         m.start_at_zero();
         m
     }

@@ -198,6 +198,7 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
         .cloned()
         .collect();
     let done = changes(&old, &next);
+    crate::ops::traces::reload(old.config.tracing.as_ref(), next.config.tracing.as_ref());
     shared.current.store(Arc::new(next));
     let before = shared.audit.swap(audit);
     if let Some(before) = before {

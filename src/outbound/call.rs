@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::client::{self, CallError, RawAnswer};
 use super::Outbound;
 use crate::generation::Downstream;
 use crate::ops::metrics::Metrics;
+use crate::ops::traces::TARGET as TRACES;
 use crate::protocol::CallbackResponse;
 use crate::verdict::{Outcome, Verdict};
 
@@ -48,25 +50,85 @@ pub(crate) async fn call(ds: &Downstream, metrics: &Metrics, out: &Outbound) -> 
         }
     };
     let started = Instant::now();
-    let result = post_with_retries(ds, out).await;
+    let (result, attempt) = post_with_retries(ds, out).await;
     let elapsed = started.elapsed();
     let read = result.and_then(|raw| {
         client::read_answer(&raw, &ds.verifier, Some(&out.request_id)).inspect_err(|e| {
             if matches!(e, CallError::Http(_) | CallError::BadResponse(_)) {
-                log_answer(ds, &raw);
+                log_answer(ds, &raw, &out.span);
             }
         })
     });
-    match read {
+    let verdict = match read {
         Err(e) => ds.verdict(Outcome::from(&e), elapsed, e.to_string()),
         Ok(resp) => judge(ds, resp, elapsed, out.is_ping()),
+    };
+    if let Some(attempt) = attempt {
+        attempt.finish(verdict.outcome);
+    }
+    verdict
+}
+
+/// One attempt's span (a child of the callback's): `server`, `attempt` (1 = first), `retry`,
+/// `http.version`, `outcome`. An attempt dropped before it finished (another server rejected,
+/// or the node hung up) ends with `outcome` `cancelled`.
+struct Attempt {
+    span: tracing::Span,
+    finished: bool,
+}
+
+// === impl Attempt ===
+
+impl Attempt {
+    fn start(ds: &Downstream, out: &Outbound, n: u32) -> Attempt {
+        let span = if out.span.is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: TRACES,
+                parent: &out.span,
+                "downstream_call",
+                otel.kind = "client",
+                server = %ds.name,
+                mode = ds.mode.as_str(),
+                attempt = i64::from(n) + 1,
+                retry = n > 0,
+                http.version = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+        Attempt {
+            span,
+            finished: false,
+        }
+    }
+
+    /// Records how the attempt ended; any outcome but `approved` marks the span an error.
+    fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        if self.span.is_disabled() {
+            return;
+        }
+        self.span.record("outcome", outcome.as_str());
+        if !matches!(outcome, Outcome::Approved | Outcome::Cancelled) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.finished && !self.span.is_disabled() {
+            self.span.record("outcome", Outcome::Cancelled.as_str());
+        }
     }
 }
 
 /// Logs what a server answered instead of a usable token (its body is kept out of answers and
 /// the audit log), with the likely fix: at most once a minute per server, so a broken server
 /// does not flood the log.
-fn log_answer(ds: &Downstream, raw: &RawAnswer) {
+fn log_answer(ds: &Downstream, raw: &RawAnswer, span: &tracing::Span) {
     static LAST: std::sync::Mutex<Option<HashMap<Arc<str>, Instant>>> = std::sync::Mutex::new(None);
     {
         let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
@@ -86,35 +148,43 @@ fn log_answer(ds: &Downstream, raw: &RawAnswer) {
         http_status = raw.status,
         hint = %hint,
         body = %client::body_excerpt(&raw.body),
+        trace_id = crate::ops::traces::trace_id(span).map(tracing::field::display),
         "downstream answered without a usable signed token (logged at most once a minute per server)"
     );
 }
 
 /// Posts the form until an attempt gets an answer, a failure that is not a transport failure,
-/// the retries run out, or the deadline would pass during the next backoff.
-async fn post_with_retries(ds: &Downstream, out: &Outbound) -> Result<RawAnswer, CallError> {
+/// the retries run out, or the deadline would pass during the next backoff. The last attempt's
+/// span is returned open, for the verdict.
+async fn post_with_retries(
+    ds: &Downstream,
+    out: &Outbound,
+) -> (Result<RawAnswer, CallError>, Option<Attempt>) {
     let mut attempt = 0;
     loop {
         let now = Instant::now();
         let budget = ds.timeout.min(out.deadline.saturating_duration_since(now));
         if budget.is_zero() {
-            return Err(CallError::Timeout(ds.timeout.as_millis() as u64));
+            return (Err(CallError::Timeout(ds.timeout.as_millis() as u64)), None);
         }
-        let post = client::post_form(&ds.client, &ds.url, out.form.clone());
+        let traced = Attempt::start(ds, out, attempt);
+        let post = client::post_form(&ds.client, &ds.url, out.form.clone())
+            .instrument(traced.span.clone());
         let answer = tokio::time::timeout(budget, post)
             .await
             .unwrap_or(Err(CallError::Timeout(budget.as_millis() as u64)));
         match answer {
             Err(CallError::Transport(e)) if attempt < ds.retries => {
+                traced.finish(Outcome::TransportError);
                 attempt += 1;
                 let pause = backoff(attempt);
                 if Instant::now() + pause >= out.deadline {
-                    return Err(CallError::Transport(e));
+                    return (Err(CallError::Transport(e)), None);
                 }
                 tracing::debug!(server = %ds.name, attempt, error = %e, "retrying after transport failure");
                 tokio::time::sleep(pause).await;
             }
-            other => return other,
+            other => return (other, Some(traced)),
         }
     }
 }

@@ -110,14 +110,16 @@ pub(crate) async fn post_form(
     url: &reqwest::Url,
     body: Bytes,
 ) -> Result<RawAnswer, CallError> {
-    let mut resp = client
+    let post = client
         .post(url.clone())
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
+        .body(body);
+    let mut resp = crate::ops::traces::propagate(post)
         .send()
         .await
         // Without the URL: its `user:pass@`, if any, must not reach answers, logs or the audit.
         .map_err(|e| CallError::Transport(transport_error(&e.without_url(), url)))?;
+    crate::ops::traces::record_http_version(resp.version());
     let status = resp.status().as_u16();
     if resp
         .content_length()

@@ -20,10 +20,13 @@ use std::time::Duration;
 
 use axum::http::header;
 use tokio::sync::watch;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::generation::{Audience, EventServer, Generation};
 use crate::ops::audit::{EventDropped, EventDroppedRecord};
 use crate::ops::metrics::delivery;
+use crate::ops::traces::{self, TARGET as TRACES};
 use crate::outbound::client;
 use crate::state::outbox::{Claimed, Settled};
 use crate::state::{now_ms, Store};
@@ -187,22 +190,44 @@ async fn deliver(
     c: Claimed,
 ) {
     let started = std::time::Instant::now();
-    let (outcome, error) = send(g, server, c.package.clone()).await;
+    // A child of the event's span, however long after it this attempt is made.
+    let span = tracing::info_span!(
+        target: TRACES,
+        "event_delivery",
+        otel.kind = "client",
+        server = %server.name,
+        attempt = c.attempts + 1,
+        http.version = Empty,
+        outcome = Empty,
+        otel.status_code = Empty,
+    );
+    traces::adopt_stored(&span, c.traceparent.as_deref());
+    let (outcome, error) = send(g, server, c.package.clone())
+        .instrument(span.clone())
+        .await;
+    if !span.is_disabled() {
+        span.record("outcome", outcome);
+        if outcome != delivery::DELIVERED {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    let trace_id = traces::trace_id(&span);
+    let trace_id = trace_id.as_deref();
     shared
         .metrics
         .record_delivery(&server.name, outcome, Some(started.elapsed()), &error);
     let settled = if outcome == delivery::DELIVERED {
-        tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), "event delivered");
+        tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), trace_id = trace_id.map(tracing::field::display), "event delivered");
         Settled::Delivered
     } else {
         let attempts = c.attempts + 1;
         let give_up_ms = c.created_ms + (g.config.event_retry_hours * 3_600_000) as i64;
         let at_ms = now_ms() + backoff(attempts).as_millis() as i64;
         if at_ms > give_up_ms {
-            drop_event(shared, g, server, &c, attempts, &error);
+            drop_event(shared, g, server, &c, attempts, &error, trace_id);
             Settled::Dropped { error }
         } else {
-            tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), attempts, error = %error, "event not delivered; will retry");
+            tracing::debug!(server = %server.name, event_id = %client::snippet(&c.event_id), attempts, error = %error, trace_id = trace_id.map(tracing::field::display), "event not delivered; will retry");
             Settled::Retry { at_ms, error }
         }
     };
@@ -220,6 +245,7 @@ fn drop_event(
     c: &Claimed,
     attempts: i64,
     error: &str,
+    trace_id: Option<&str>,
 ) {
     shared
         .metrics
@@ -229,6 +255,7 @@ fn drop_event(
         event_id = %client::snippet(&c.event_id),
         attempts,
         error = %client::snippet(error),
+        trace_id = trace_id.map(tracing::field::display),
         "event dropped: not delivered within event_retry_hours"
     );
     if let Some(audit) = shared.audit.load_full() {
@@ -266,10 +293,11 @@ async fn send(g: &Generation, server: &EventServer, package: Vec<u8>) -> (&'stat
         .client
         .post(server.url.clone())
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(client::form_body(&token))
-        .send();
+        .body(client::form_body(&token));
+    let post = traces::propagate(post).send();
     let answer = async {
         let mut response = post.await?;
+        traces::record_http_version(response.version());
         let status = response.status();
         // Read a short body to its end so the connection can be kept alive; a longer one is
         // left unread (the connection is then closed): nothing in it is used.

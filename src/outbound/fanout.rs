@@ -107,7 +107,14 @@ fn spawn_shadow(ds: Arc<Downstream>, out: Outbound, metrics: Metrics, cap: usize
         let _place = place;
         let v = call(&server, &metrics, &out).await;
         metrics.record_call(&v);
-        tracing::info!(request_id = %client::snippet(&out.request_id), server = %v.server, outcome = v.outcome.as_str(), duration_ms = v.duration.as_millis() as u64, "shadow verdict");
+        tracing::info!(
+            request_id = %client::snippet(&out.request_id),
+            server = %v.server,
+            outcome = v.outcome.as_str(),
+            duration_ms = v.duration.as_millis() as u64,
+            trace_id = crate::ops::traces::trace_id(&out.span).map(tracing::field::display),
+            "shadow verdict"
+        );
         filled.finish(v);
     });
     (ds, slot)

@@ -26,6 +26,8 @@ pub(crate) struct Outbound {
     /// `None`: a type this gateway does not know.
     pub(crate) kind: Option<RequestType>,
     pub(crate) deadline: Instant,
+    /// The callback's span: each call attempt is a child of it (none for health pings).
+    pub(crate) span: tracing::Span,
 }
 
 // === impl Outbound ===

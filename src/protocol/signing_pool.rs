@@ -18,6 +18,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::ops::traces::TARGET as TRACES;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The queue of jobs; the threads are started with it and live as long as the process.
@@ -72,8 +74,18 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // In a trace: the wait for a thread and the signature, each a span of the caller's.
+    let parent = tracing::Span::current();
+    let wait = if parent.is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(target: TRACES, "signing_wait")
+    };
     let job: Job = Box::new(move || {
+        drop(wait);
         if !tx.is_closed() {
+            let _sign = (!parent.is_none())
+                .then(|| tracing::info_span!(target: TRACES, parent: &parent, "sign").entered());
             let _ = tx.send(work());
         }
     });

@@ -15,6 +15,9 @@ pub(crate) struct Claimed {
     pub(crate) attempts: i64,
     /// When the event was recorded (ms).
     pub(crate) created_ms: i64,
+    /// The W3C `traceparent` of the span that recorded the event, if traced: each delivery
+    /// joins that trace.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// What became of one attempt.
@@ -49,18 +52,20 @@ impl Store {
         event_type: &str,
         package: &[u8],
         servers: &[&str],
+        traceparent: Option<&str>,
     ) -> Result<bool, String> {
         let now = now_ms();
         let result: Result<bool, sqlx::Error> = on_pool!(self, p => async {
             let mut tx = p.begin().await?;
             let new = sqlx::query(
-                "INSERT INTO outbox (event_id, event_type, package, received_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (event_id) DO NOTHING",
+                "INSERT INTO outbox (event_id, event_type, package, received_ms, traceparent) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
             )
             .bind(event_id)
             .bind(event_type)
             .bind(package)
             .bind(now)
+            .bind(traceparent)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -113,17 +118,17 @@ impl Store {
             let mut claimed = Vec::with_capacity(rows.len());
             for row in rows {
                 let event_id: String = row.try_get("event_id")?;
-                let package: Option<Vec<u8>> =
-                    sqlx::query("SELECT package FROM outbox WHERE event_id = $1")
-                        .bind(&event_id)
-                        .fetch_optional(p)
-                        .await?
-                        .map(|r| r.try_get("package"))
-                        .transpose()?;
-                let Some(package) = package else { continue };
+                let stored = sqlx::query("SELECT package, traceparent FROM outbox WHERE event_id = $1")
+                    .bind(&event_id)
+                    .fetch_optional(p)
+                    .await?;
+                let Some(stored) = stored else { continue };
+                let package: Vec<u8> = stored.try_get("package")?;
+                let traceparent: Option<String> = stored.try_get("traceparent")?;
                 claimed.push(Claimed {
                     event_id,
                     package,
+                    traceparent,
                     attempts: row.try_get("attempts")?,
                     created_ms: row.try_get("created_ms")?,
                 });

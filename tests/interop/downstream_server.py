@@ -7,7 +7,9 @@ own key whose package_data is a TSSCallbackResponse.
 
     python downstream_server.py --listen 127.0.0.1:11021 --key risk-pri.pem \
         --gateway-pub gateway-pub.key [--policy approve|reject|whitelist] [--whitelist ADDR ...] \
-        [--body-form raw|json] [--name NAME] [--record FILE]
+        [--body-form raw|json] [--name NAME] [--record FILE] [--delay-ms MS]
+
+Each record also holds the request's W3C `traceparent` header (None without one).
 """
 
 import argparse
@@ -60,7 +62,8 @@ def destination_addresses(extra):
     return out
 
 
-def create_app(name, private_key, gateway_pub, policy="approve", whitelist=(), body_form="raw", record=None):
+def create_app(name, private_key, gateway_pub, policy="approve", whitelist=(), body_form="raw", record=None,
+               delay_ms=0):
     app = Flask(name)
     lock = threading.Lock()
 
@@ -110,6 +113,8 @@ def create_app(name, private_key, gateway_pub, policy="approve", whitelist=(), b
     @app.route("/v1/check", methods=["POST"])
     @app.route("/v2/check", methods=["POST"])
     def check():
+        if delay_ms:
+            time.sleep(delay_ms / 1000)
         raw = request.form.get("TSS_JWT_MSG", "")
         try:
             claims = jwt.decode(raw, gateway_pub, algorithms=["RS256"], options={"require": ["exp"]})
@@ -136,6 +141,7 @@ def create_app(name, private_key, gateway_pub, policy="approve", whitelist=(), b
             "iss": claims.get("iss"),
             "model": parsed,
             "action": action.value,
+            "traceparent": request.headers.get("traceparent"),
         })
         return answer(TSSCallbackResponse(request_id=req.request_id, status=STATUS_OK, action=action, error=error))
 
@@ -152,13 +158,14 @@ def main(argv=None):
     p.add_argument("--body-form", choices=["raw", "json"], default="raw")
     p.add_argument("--name", default="cobo-python-server")
     p.add_argument("--record", help="append one JSON line per accepted request to this file")
+    p.add_argument("--delay-ms", type=int, default=0, help="wait this long before answering")
     a = p.parse_args(argv)
     with open(a.key, "rb") as f:
         private_key = f.read()
     with open(a.gateway_pub, "rb") as f:
         gateway_pub = f.read()
     host, port = a.listen.rsplit(":", 1)
-    app = create_app(a.name, private_key, gateway_pub, a.policy, a.whitelist, a.body_form, a.record)
+    app = create_app(a.name, private_key, gateway_pub, a.policy, a.whitelist, a.body_form, a.record, a.delay_ms)
     app.run(host=host, port=int(port), threaded=True)
 
 

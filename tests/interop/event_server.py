@@ -5,7 +5,8 @@ POST /v2/event with the form field TSS_JWT_MSG: a JWT verified RS256 with the se
 (here: the gateway's downstream signing key), package_data = base64 of a TSSEvent JSON, parsed
 with `cobo_waas2.TSSEvent` and the event data's extra_info with the SDK's ...Extra model. It answers
 plain HTTP: 200 accepted, 400 refused (bad token or payload). Every request is recorded as one
-JSON line, refusals too, so tests can see what arrived and how many times.
+JSON line, refusals too, so tests can see what arrived and how many times (and its W3C
+`traceparent` header, if any).
 
     python event_server.py --listen 127.0.0.1:11030 --gateway-pub gateway-requests-pub.key \
         [--name NAME] [--record FILE]
@@ -87,7 +88,8 @@ def create_app(name, gateway_pub, record=None):
         except (jwt.PyJWTError, KeyError, ValueError) as e:
             write_record({"server": name, "refused": f"token: {e}"})
             return jsonify(""), 400
-        entry = {"server": name, "iss": claims.get("iss"), "sha256": hashlib.sha256(package).hexdigest()}
+        entry = {"server": name, "iss": claims.get("iss"), "sha256": hashlib.sha256(package).hexdigest(),
+                 "traceparent": request.headers.get("traceparent")}
         try:
             entry.update(parse_event(package))
         except Exception as e:  # noqa: BLE001 - any parse failure is a refused payload

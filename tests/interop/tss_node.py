@@ -65,11 +65,12 @@ def read_answer(body: str, server_pub: bytes) -> TSSCallbackResponse:
     return TSSCallbackResponse.from_json(base64.b64decode(claims["package_data"]).decode())
 
 
-def send(url: str, payload: bytes, node_key: bytes, server_pub: bytes, token: str = None, timeout=10):
+def send(url: str, payload: bytes, node_key: bytes, server_pub: bytes, token: str = None, timeout=10,
+         headers=None):
     """Returns (http_status, TSSCallbackResponse)."""
     request_id = json.loads(payload)["request_id"]
     token = token or make_token(payload, node_key)
-    r = requests.post(url, data={"TSS_JWT_MSG": token}, timeout=timeout)
+    r = requests.post(url, data={"TSS_JWT_MSG": token}, timeout=timeout, headers=headers)
     resp = read_answer(r.text, server_pub)
     if resp.request_id not in (request_id, ""):
         raise ValueError(f"answer is for {resp.request_id!r}, sent {request_id!r}")
@@ -99,11 +100,11 @@ def make_event(event_type: str, request_id: str = None, node_id="coboNodeA1b2c3"
     return event.to_json().encode()
 
 
-def send_event(url: str, payload: bytes, event_key: bytes = None, token: str = None, timeout=10):
+def send_event(url: str, payload: bytes, event_key: bytes = None, token: str = None, timeout=10, headers=None):
     """Posts an event as the node does (signed with its event key); returns the HTTP response.
     Event servers answer plain HTTP: 200 accepted, 400 refused."""
     token = token or make_token(payload, event_key)
-    return requests.post(url, data={"TSS_JWT_MSG": token}, timeout=timeout)
+    return requests.post(url, data={"TSS_JWT_MSG": token}, timeout=timeout, headers=headers)
 
 
 def main(argv=None):
