@@ -3,13 +3,85 @@
 //! `TSS_JWT_MSG` token taken from the form.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 use tokio::time::Instant;
 
+use super::admission::Permit;
+use super::conn::Conn;
+use crate::generation::Generation;
 use crate::protocol::FORM_FIELD;
+use crate::Shared;
+
+/// How long a handler waits for a body past `read_timeout_ms` before giving up itself; by
+/// then the connection's watchdog has closed the connection (and dropped the handler).
+pub(crate) const READ_SLACK: Duration = Duration::from_secs(1);
+
+/// A request whose body has arrived (or was refused) and that holds a `max_in_flight` place.
+pub(crate) struct Arrived {
+    /// The config current once the body had arrived: the one that decides the request.
+    pub(crate) g: Arc<Generation>,
+    /// The `max_in_flight` place, held until the answer is made.
+    pub(crate) admitted: Permit,
+    /// The request's first byte: the read and the deadline count from there.
+    pub(crate) started: Instant,
+    /// The body, or the status-10 text of why it was refused.
+    pub(crate) body: Result<Bytes, String>,
+}
+
+/// What the node's routes (`/v2/check`, `/v1/check`, `/v2/event`) do first, in this order:
+/// shed at once, unread, when every place is taken; read the body within `read_timeout_ms` of
+/// the request's first byte (a slow caller holds no place, and its request is decided by the
+/// config current once it has arrived); then take a place. `None`: shed (every place taken,
+/// before or after the read); the caller answers HTTP 503 without any RSA work.
+///
+/// A body that comes too late never returns: the connection's watchdog closes the connection
+/// unanswered (the timeout here only backs it up), and this request gets no answer, signed or
+/// not.
+pub(crate) async fn arrive(
+    shared: &Shared,
+    conn: Option<&Conn>,
+    headers: HeaderMap,
+    body: Body,
+) -> Option<Arrived> {
+    let started = conn.map_or_else(Instant::now, |c| c.request_began());
+    let (limit, read_by) = {
+        let g = shared.current.load();
+        if shared.admission.in_flight() >= g.config.max_in_flight {
+            return None;
+        }
+        let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
+        (g.config.max_body_bytes, started + read_timeout)
+    };
+    // `headers` and the body are given away here, so that the connection's read buffer they
+    // point into is freed as soon as the token is parsed, not when the answer goes out.
+    let read = tokio::time::timeout_at(
+        read_by + READ_SLACK,
+        read_body(headers, body, limit, read_by),
+    )
+    .await;
+    if let Some(c) = conn {
+        if read.is_err() {
+            // Late: the watchdog closes the connection unanswered (it may have been starved of
+            // its turn until now).
+            std::future::pending::<()>().await;
+        }
+        c.body_read();
+    }
+    let g = shared.current.load_full();
+    let admitted = shared.admission.try_admit(g.config.max_in_flight)?;
+    let body =
+        read.unwrap_or_else(|_| Err("request body not received within read_timeout_ms".into()));
+    Some(Arrived {
+        g,
+        admitted,
+        started,
+        body,
+    })
+}
 
 /// A body above `max_body_bytes` is still read and thrown away, up to this many bytes in all,
 /// so that a client that sends the whole body before reading gets its status-10 answer rather

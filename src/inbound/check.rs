@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::body::{form_token, read_body};
+use super::body::{arrive, form_token, Arrived};
 use super::conn::ConnRef;
 use super::dedup::{self, Lookup};
 use super::refusal;
@@ -107,41 +107,15 @@ async fn answer_callback(
     body: Body,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c.0);
-    // The request's clock started at its first byte: the read and the deadline count from there.
-    let started = conn
-        .as_ref()
-        .map_or_else(Instant::now, |c| c.request_began());
-    // The body is read before anything else: a slow caller holds no `max_in_flight` slot, and
-    // its request is decided by the config current once it has arrived. The connection's
-    // watchdog closes it at `read_by`; the timeout here only backs that up.
-    let (limit, read_by) = {
-        let g = shared.current.load();
-        // With every place taken already, shed at once without reading anything.
-        if shared.admission.in_flight() >= g.config.max_in_flight {
-            return overloaded(&shared);
-        }
-        let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
-        (g.config.max_body_bytes, started + read_timeout)
-    };
-    // `headers` and the body are given away here, so that the connection's read buffer they
-    // point into is freed as soon as the token is parsed, not when the answer goes out.
-    let read = tokio::time::timeout_at(
-        read_by + READ_SLACK,
-        read_body(headers, body, limit, read_by),
-    )
-    .await;
-    if let Some(c) = &conn {
-        if read.is_err() {
-            // Late: the watchdog closes the connection unanswered (it may have been starved of
-            // its turn until now); this request gets no answer, signed or not.
-            std::future::pending::<()>().await;
-        }
-        c.body_read();
-    }
-    let g = shared.current.load_full();
     // Before anything is signed: shedding must cost no RSA work. The permit is held until the
     // answer is made (move it along if the decision ever runs in a task of its own).
-    let Some(_admitted) = shared.admission.try_admit(g.config.max_in_flight) else {
+    let Some(Arrived {
+        g,
+        admitted: _admitted,
+        started,
+        body,
+    }) = arrive(&shared, conn.as_deref(), headers, body).await
+    else {
         return overloaded(&shared);
     };
     shared.metrics.in_flight.inc();
@@ -150,15 +124,9 @@ async fn answer_callback(
     let deadline = started + Duration::from_millis(g.config.deadline_ms);
     shared.admission.note_deadline(deadline);
 
-    let mut answer = match read {
-        Ok(Ok(bytes)) => decide_request(&shared, &g, bytes, deadline).await,
-        Ok(Err(refusal)) => invalid(Status::InvalidRequest, String::new(), None, refusal),
-        Err(_) => invalid(
-            Status::InvalidRequest,
-            String::new(),
-            None,
-            "request body not received within read_timeout_ms".into(),
-        ),
+    let mut answer = match body {
+        Ok(bytes) => decide_request(&shared, &g, bytes, deadline).await,
+        Err(refusal) => invalid(Status::InvalidRequest, String::new(), None, refusal),
     };
     index_approval(&shared, &g, &mut answer, deadline)
         .instrument(tracing::info_span!(target: TRACES, "approvals_index"))
@@ -230,10 +198,6 @@ async fn answer_callback(
     )
         .into_response()
 }
-
-/// How long the handler waits for a body past `read_timeout_ms` before giving up itself; by
-/// then the connection's watchdog has closed the connection (and dropped the handler).
-pub(crate) const READ_SLACK: Duration = Duration::from_secs(1);
 
 /// Writes the answer's audit record, if there is an audit log, before the answer is sent,
 /// waiting for it until the request's deadline (at least [`AUDIT_WAIT_MIN`]). An approval whose

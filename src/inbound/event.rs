@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::body::{form_token, read_body};
+use super::body::{arrive, form_token, Arrived};
 use super::conn::ConnRef;
 use crate::generation::Generation;
 use crate::ops::audit::{EventRecord, EventSeen};
@@ -86,50 +86,28 @@ async fn take_event(
     body: Body,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c.0);
-    let started = conn
-        .as_ref()
-        .map_or_else(Instant::now, |c| c.request_began());
-    let (limit, read_by) = {
-        let g = shared.current.load();
-        if g.event_verifier.is_none() {
-            return plain(
-                StatusCode::NOT_FOUND,
-                "events are off: tss_node_event_public_key is not set\n".into(),
-            );
-        }
-        if shared.admission.in_flight() >= g.config.max_in_flight {
-            return overloaded();
-        }
-        let read_timeout = Duration::from_millis(g.config.read_timeout_ms);
-        (g.config.max_body_bytes, started + read_timeout)
-    };
-    let read = tokio::time::timeout_at(
-        read_by + super::check::READ_SLACK,
-        read_body(headers, body, limit, read_by),
-    )
-    .await;
-    if let Some(c) = &conn {
-        if read.is_err() {
-            std::future::pending::<()>().await;
-        }
-        c.body_read();
+    if shared.current.load().event_verifier.is_none() {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "events are off: tss_node_event_public_key is not set\n".into(),
+        );
     }
-    let g = shared.current.load_full();
-    let Some(_admitted) = shared.admission.try_admit(g.config.max_in_flight) else {
+    let Some(Arrived {
+        g,
+        admitted: _admitted,
+        started,
+        body,
+    }) = arrive(&shared, conn.as_deref(), headers, body).await
+    else {
         return overloaded();
     };
     let deadline = started + Duration::from_millis(g.config.deadline_ms);
-    let result = match read {
-        Ok(Ok(bytes)) => receive(&shared, &g, bytes, deadline).await,
-        Ok(Err(e)) => Err(refuse(
+    let result = match body {
+        Ok(bytes) => receive(&shared, &g, bytes, deadline).await,
+        Err(e) => Err(refuse(
             StatusCode::BAD_REQUEST,
             event_outcome::INVALID_REQUEST,
             e,
-        )),
-        Err(_) => Err(refuse(
-            StatusCode::BAD_REQUEST,
-            event_outcome::INVALID_REQUEST,
-            "request body not received within read_timeout_ms".into(),
         )),
     };
     match result {

@@ -116,6 +116,11 @@ def test_a_node_traceparent_is_honoured_and_every_step_is_a_span(world, jaeger):
         # The traceparent a downstream received names this attempt's span.
         assert sent_parents[ct["server"]] == c["spanID"]
 
+    # What leaves for the collector: names, outcomes, ids and timings; never a token, key or payload.
+    exported = json.dumps(spans.spans)
+    for secret in ("eyJ", "BEGIN", "package_data", "TSS_JWT_MSG", "extra_info"):
+        assert secret not in exported, secret
+
     # The decision log line carries the trace id.
     until(5, "decision logged", lambda: "decision" in gw.log.read_text())
     line = next(ln for ln in gw.log.read_text().splitlines() if "decision" in ln and "req-traced" in ln)

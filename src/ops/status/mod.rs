@@ -7,7 +7,7 @@
 //!
 //! Guarantees:
 //! - No credentials, keys, tokens or payloads: addresses are redacted, error texts cleared of
-//!   URL credentials, and every dynamic string escaped (see [`page`]).
+//!   URL credentials, and every dynamic string escaped (see [`mod@page`]).
 //! - Rendering never waits long on the disk or a database: the state store is asked with a
 //!   [`STORE_WAIT`] timeout, and what it did not answer shows as unavailable. Everything else is
 //!   in memory ([`recent`]), fed on the request path at the cost of one short lock.
