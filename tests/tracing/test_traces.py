@@ -247,3 +247,51 @@ def test_jaeger_killed_mid_test_changes_no_decision(world, tmp_path):
               lambda: metric(gw.metrics(), "tss_gateway_trace_spans_dropped_total", reason="export_failed") >= 20)
     finally:
         own.stop()
+
+
+def test_a_collector_that_accepts_and_never_answers_delays_no_decision(world):
+    """A hostile or hung collector: it takes the connection, reads the batch and answers nothing.
+    Exports then wait out their timeout on the export thread, and their spans are dropped and
+    counted (at the full queue too, under enough load), while every decision comes as fast as
+    before."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def swallow():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            threading.Thread(target=lambda c=conn: [None for _ in iter(lambda: c.recv(65536), b"")],
+                             daemon=True).start()
+
+    threading.Thread(target=swallow, daemon=True).start()
+    try:
+        world.downstream("risk")
+        gw = world.gateway("stalled", f"http://127.0.0.1:{listener.getsockname()[1]}")
+
+        def one(i):
+            started = time.time()
+            status, resp = world.send(gw, "key_sign", f"req-stalled-{i}")
+            assert (status, resp.status, resp.action) == (200, 0, "APPROVE")
+            return time.time() - started
+
+        with ThreadPoolExecutor(8) as pool:
+            slowest = max(pool.map(one, range(200)))
+        assert slowest < 2.0, f"a decision took {slowest:.2f} s behind a stalled collector"
+        until(10, "the collector called", lambda: held)
+        until(20, "spans dropped and counted",
+              lambda: metric(gw.metrics(), "tss_gateway_trace_spans_dropped_total") > 0)
+        assert gw.proc.poll() is None
+    finally:
+        listener.close()
+        for c in held:
+            c.close()
