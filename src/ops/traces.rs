@@ -185,11 +185,12 @@ impl Exporter {
     }
 }
 
+/// A URL's user or password as sent in basic auth: percent-decoded (RFC 3986 userinfo, where
+/// `+` is a plus, not a space as in a form).
 fn percent_decoded(text: &str) -> String {
-    form_urlencoded::parse(format!("x={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn set_ratio(ratio: f64) {
@@ -517,6 +518,13 @@ mod tests {
                 &[],
             )
             .decision
+    }
+
+    #[test]
+    fn collector_credentials_are_decoded_as_userinfo_not_as_a_form() {
+        let url = reqwest::Url::parse("http://ops%40corp:a+b%2Fc%3D@collector:4318").unwrap();
+        assert_eq!(percent_decoded(url.username()), "ops@corp");
+        assert_eq!(percent_decoded(url.password().unwrap()), "a+b/c=");
     }
 
     /// The node can turn sampling off, never on beyond `sample_ratio`.
