@@ -219,9 +219,7 @@ fn servers(s: &Snapshot) -> Markup {
                         tr data-server=(v.name) {
                             td { strong { (v.name) } }
                             (health_cell(v.health.as_ref(), s.health_interval_ms))
-                            td { (outcomes(&v.recent)) }
-                            td { (ms(v.recent.p50)) }
-                            td { (ms(v.recent.p99)) }
+                            (recent_cells(&v.recent))
                             td { (v.mode) }
                             td { (v.types) }
                             td { code { (v.address) } }
@@ -283,9 +281,7 @@ fn event_servers(s: &Snapshot) -> Markup {
                                     } }
                                 },
                             }
-                            td { (outcomes(&v.recent)) }
-                            td { (ms(v.recent.p50)) }
-                            td { (ms(v.recent.p99)) }
+                            (recent_cells(&v.recent))
                             td { (v.types) }
                             td { code { (v.address) } }
                         }
@@ -428,6 +424,15 @@ fn outcome_class(outcome: &str) -> &'static str {
 
 fn span_label() -> String {
     format!("{} min", SPAN.as_secs() / 60)
+}
+
+/// The outcome counts, p50 and p99 cells of one server's recent window (both tables).
+fn recent_cells(r: &Summary) -> Markup {
+    html! {
+        td { (outcomes(r)) }
+        td { (ms(r.p50)) }
+        td { (ms(r.p99)) }
+    }
 }
 
 fn ms(d: Option<Duration>) -> String {
